@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny random Llama/Qwen2 models with a tokenizer trained here, saved to a temp dir.
+
+Nothing is downloaded: the tokenizer is a small BPE trained on `TINY_TEXT`, the models are random.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "
+    "All that glitters is not gold. Actions speak louder than words. "
+    "Better late than never. Every cloud has a silver lining. "
+    "Fortune favours the bold. Knowledge is power. Practice makes perfect. "
+    "The early bird catches the worm. When in Rome, do as the Romans do. "
+) * 40
+
+
+def train_tokenizer(text: str, vocab_size: int = 300):  # -> PreTrainedTokenizerFast
+    """A byte-level BPE trained on `text`, wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([text[i : i + 200] for i in range(0, len(text), 200)], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def build_tiny_model(family: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
+    """A 2-layer random model of `family` ("llama" or "qwen2"), with GQA (4 heads, 2 KV heads)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    config = LlamaConfig(**common) if family == "llama" else Qwen2Config(**common)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():  # -> PreTrainedTokenizerFast
+    return train_tokenizer(TINY_TEXT)
+
+
+def save_tiny_model(family: str, path: Path, tokenizer) -> Path:  # noqa: ANN001
+    model = build_tiny_model(family, vocab_size=len(tokenizer))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def tiny_model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:  # noqa: ANN001
+    """A saved tiny model directory, once per family."""
+    return save_tiny_model(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"), tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:  # noqa: ANN001
+    return save_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"), tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A plain-text corpus file for `--data PATH`."""
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text(TINY_TEXT)
+    return path
