@@ -1,0 +1,196 @@
+"""On-disk artifacts: atomic writes, checksummed safetensors shards, and the versioned calibration manifest.
+
+A WORK directory holds `manifest.json` (what model, what data, what settings, which shards with which
+SHA-256) and per-layer shards under `covariance/`. Every reader validates before it trusts a byte, and
+every writer writes a temp file beside the target and renames it, so a killed run never leaves a torn file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from swiftsvd_cli import __version__
+from swiftsvd_cli.errors import SwiftSVDError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Call `write(tmp_path)` on a temp file in the target's folder, then rename it over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would make shared artifacts unreadable to teammates
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise SwiftSVDError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SwiftSVDError(f"{what} is corrupt (not JSON): {path}") from error
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One tensor file of an artifact, relative to the artifact's root, with its checksum."""
+
+    file: str
+    sha256: str
+    bytes: int
+
+
+def write_shard(root: Path, relative: str, tensors: dict[str, torch.Tensor]) -> Shard:
+    path = root / relative
+    contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
+    _atomic_write(path, lambda tmp: save_file(contiguous, str(tmp)))
+    return Shard(file=relative, sha256=sha256_file(path), bytes=path.stat().st_size)
+
+
+def shard_is_valid(root: Path, shard: Shard) -> bool:
+    path = root / shard.file
+    return path.is_file() and path.stat().st_size == shard.bytes and sha256_file(path) == shard.sha256
+
+
+def read_shard(root: Path, shard: Shard) -> dict[str, torch.Tensor]:
+    """Load a shard after checking it is the file the manifest recorded."""
+    path = root / shard.file
+    if not path.is_file():
+        raise SwiftSVDError(f"missing shard {path}: rerun the stage that writes it")
+    if sha256_file(path) != shard.sha256:
+        raise SwiftSVDError(f"corrupt shard {path} (checksum mismatch): delete it and rerun to recompute it")
+    try:
+        return load_file(str(path))
+    except SafetensorError as error:
+        raise SwiftSVDError(f"corrupt shard {path}: {error}") from error
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Which model an artifact belongs to; `fingerprint` is what mismatches are judged by."""
+
+    spec: str
+    model_id: str
+    revision: str | None
+    fingerprint: str
+    model_type: str
+    num_layers: int
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Everything that changes the Grams: a WORK directory is valid for exactly one of these."""
+
+    data: str
+    data_id: str
+    data_sha256: str
+    samples: int
+    seqlen: int
+    seed: int
+    dtype: str
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One decoder layer's calibration result: its shard and the numbers read without opening it."""
+
+    shard: Shard
+    tokens: int
+    importance: float
+
+
+@dataclass
+class CalibrationManifest:
+    model: ModelInfo
+    settings: CalibrationSettings
+    layers: dict[int, LayerRecord] = field(default_factory=dict)
+    kind: str = "calibration"
+    format_version: int = FORMAT_VERSION
+    tool_version: str = __version__
+    created: str = field(default_factory=utc_now)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.layers) == self.model.num_layers
+
+    def importance(self) -> list[float]:
+        return [self.layers[index].importance for index in range(self.model.num_layers)]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["layers"] = {str(index): asdict(record) for index, record in sorted(self.layers.items())}
+        return data
+
+    def save(self, work: Path) -> None:
+        atomic_write_json(work / MANIFEST, self.to_dict())
+
+    @classmethod
+    def load(cls, work: Path) -> CalibrationManifest:
+        data = read_json(work / MANIFEST, "calibration manifest")
+        if not isinstance(data, dict) or data.get("kind") != "calibration":
+            raise SwiftSVDError(f"{work / MANIFEST} is not a swiftsvd calibration manifest")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise SwiftSVDError(
+                f"{work / MANIFEST} has format version {data.get('format_version')}, this swiftsvd reads "
+                f"{FORMAT_VERSION}: recalibrate into a new directory"
+            )
+        try:
+            layers = {
+                int(index): LayerRecord(shard=Shard(**record["shard"]), tokens=record["tokens"],
+                                        importance=record["importance"])
+                for index, record in data["layers"].items()
+            }
+            return cls(
+                model=ModelInfo(**data["model"]),
+                settings=CalibrationSettings(**data["settings"]),
+                layers=layers,
+                tool_version=data["tool_version"],
+                created=data["created"],
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise SwiftSVDError(f"{work / MANIFEST} is malformed ({error}): recalibrate") from error
+
+
+def differences(old: Any, new: Any) -> list[str]:
+    """Field names whose values differ between two dataclass instances of one type."""
+    return [f.name for f in dataclasses.fields(old) if getattr(old, f.name) != getattr(new, f.name)]

@@ -1,0 +1,206 @@
+"""Stage 1: stream calibration windows layer by layer and write float64 input Grams per input group.
+
+Per decoder layer and input group (q/k/v share one, gate/up share one, o and down their own) we store
+`G = Σ x xᵀ`, the per-channel `Σ |x|` (ASVD's scaling), the token count, and the layer's importance
+`BI = mean(1 − cos(h_in, h_out))` (ShortGPT). Grams do not depend on the ratio, so one calibration serves
+every ratio, plan and method. A rerun verifies finished shards and recomputes only missing or broken ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from swiftsvd_cli import artifacts
+from swiftsvd_cli.architectures import ArchSpec, arch_for, decoder_layers, target_linears
+from swiftsvd_cli.artifacts import CalibrationManifest, CalibrationSettings, LayerRecord, ModelInfo
+from swiftsvd_cli.data import calibration_windows, load_text, tokenize
+from swiftsvd_cli.errors import SwiftSVDError
+from swiftsvd_cli.layerwise import capture_first_layer_inputs, iterate_batches, layer_output
+from swiftsvd_cli.linalg import accumulate_gram, make_empty_gram
+from swiftsvd_cli.log import progress
+from swiftsvd_cli.models import LoadedModel, default_device, load_model
+
+logger = logging.getLogger("swiftsvd")
+DERIVED = ("eigen", "plans", "importance.json")  # artifacts computed from the Grams, invalid without them
+
+
+@dataclass(frozen=True)
+class CalibrateOptions:
+    model: str
+    work: Path
+    data: str = "wikitext2"
+    samples: int = 256
+    seqlen: int = 2048
+    seed: int = 3  # SVD-LLM's calibration seed
+    batch_size: int = 4
+    dtype: str = "auto"
+    device: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    manifest: CalibrationManifest
+    computed_layers: list[int]
+    seconds: float
+
+    @property
+    def disk_bytes(self) -> int:
+        return sum(record.shard.bytes for record in self.manifest.layers.values())
+
+
+def shard_name(index: int) -> str:
+    return f"covariance/layer_{index:03d}.safetensors"
+
+
+def model_info(loaded: LoadedModel, num_layers: int) -> ModelInfo:
+    return ModelInfo(
+        spec=loaded.spec,
+        model_id=loaded.model_id,
+        revision=loaded.revision,
+        fingerprint=loaded.fingerprint,
+        model_type=loaded.model.config.model_type,
+        num_layers=num_layers,
+    )
+
+
+def _existing_manifest(work: Path) -> CalibrationManifest | None:
+    return CalibrationManifest.load(work) if (work / artifacts.MANIFEST).exists() else None
+
+
+def _check_compatible(old: CalibrationManifest, model: ModelInfo, settings: CalibrationSettings, force: bool,
+                      work: Path) -> bool:
+    """True if `old` can be resumed; with --force a mismatching WORK is cleared, otherwise refused."""
+    changed = (["model"] if old.model.fingerprint != model.fingerprint else []) + artifacts.differences(
+        old.settings, settings
+    )
+    if not changed:
+        return True
+    if not force:
+        raise SwiftSVDError(
+            f"{work} holds a calibration with other {', '.join(changed)} ({old.model.model_id}): "
+            "use another --out, or --force to replace it"
+        )
+    logger.warning("--force: replacing the calibration in %s (%s changed)", work, ", ".join(changed))
+    for name in ("covariance", *DERIVED):
+        target = work / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    return False
+
+
+class _GroupStats:
+    """Forward pre-hooks on one module per input group, accumulating G, Σ|x| and the token count."""
+
+    def __init__(self, layer: nn.Module, spec: ArchSpec, device: torch.device | str) -> None:
+        linears = target_linears(layer, spec)
+        self.grams: dict[str, torch.Tensor] = {}
+        self.abs_sums: dict[str, torch.Tensor] = {}
+        self.tokens = 0
+        self.handles = []
+        for group, names in spec.groups.items():
+            n = linears[names[0]].in_features
+            self.grams[group] = make_empty_gram(n).to(device)
+            self.abs_sums[group] = torch.zeros(n, dtype=torch.float64, device=device)
+            self.handles.append(linears[names[0]].register_forward_pre_hook(self._hook(group)))
+
+    def _hook(self, group: str):  # type: ignore[no-untyped-def]
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].detach()
+            count = accumulate_gram(self.grams[group], x)
+            self.abs_sums[group] += x.reshape(-1, x.shape[-1]).abs().sum(0, dtype=torch.float64)
+            if group == next(iter(self.grams)):
+                self.tokens += count
+
+        return hook
+
+    def remove(self) -> dict[str, torch.Tensor]:
+        for handle in self.handles:
+            handle.remove()
+        tensors = {f"{group}.gram": gram for group, gram in self.grams.items()}
+        tensors |= {f"{group}.abs_sum": value for group, value in self.abs_sums.items()}
+        tensors["tokens"] = torch.tensor(self.tokens, dtype=torch.int64)
+        return tensors
+
+
+def _importance_sum(h_in: torch.Tensor, h_out: torch.Tensor) -> float:
+    """Σ over tokens of 1 − cos(h_in, h_out), in float64 (ShortGPT's Block Influence before averaging)."""
+    cos = torch.nn.functional.cosine_similarity(h_in.double(), h_out.double(), dim=-1)
+    return float((1.0 - cos).sum())
+
+
+@torch.no_grad()
+def run_calibrate(options: CalibrateOptions) -> CalibrationResult:
+    """Compute (or resume) the per-layer Grams of `options.model` into `options.work`."""
+    if options.samples < 1 or options.seqlen < 2 or options.batch_size < 1:
+        raise SwiftSVDError("--samples, --batch-size must be >= 1 and --seqlen >= 2")
+    work = options.work
+    if work.exists() and not work.is_dir():
+        raise SwiftSVDError(f"--out {work} exists and is not a directory")
+    old = _existing_manifest(work)  # fail on a corrupt WORK before the (slow) model load
+    start = time.perf_counter()
+    device = options.device or default_device()
+    loaded = load_model(options.model, revision=options.revision, dtype=options.dtype, device=device,
+                        trust_remote_code=options.trust_remote_code, keep_on_cpu=True)
+    spec = arch_for(loaded.model.config)
+    layers = decoder_layers(loaded.model, spec)
+    source = load_text(options.data, "train")
+    settings = CalibrationSettings(
+        data=options.data, data_id=source.id, data_sha256=source.sha256, samples=options.samples,
+        seqlen=options.seqlen, seed=options.seed, dtype=str(next(loaded.model.parameters()).dtype),
+    )
+    info = model_info(loaded, len(layers))
+    windows = calibration_windows(tokenize(loaded.tokenizer, source.text), options.samples, options.seqlen,
+                                  options.seed)
+    widest = max(linear.in_features for linear in target_linears(layers[0], spec).values())
+    if options.samples * options.seqlen < widest:
+        logger.warning("%d calibration tokens < input width %d: the Grams are rank-deficient (this still works)",
+                       options.samples * options.seqlen, widest)
+    manifest = old if old is not None and _check_compatible(old, info, settings, options.force, work) else None
+    manifest = manifest or CalibrationManifest(model=info, settings=settings)
+    missing = [i for i in range(len(layers))
+               if i not in manifest.layers or not artifacts.shard_is_valid(work, manifest.layers[i].shard)]
+    for index in missing:
+        manifest.layers.pop(index, None)
+    work.mkdir(parents=True, exist_ok=True)
+    manifest.save(work)
+    if missing:
+        _run_layers(loaded.model, layers, spec, windows, options.batch_size, device, manifest, work, missing)
+    artifacts.atomic_write_json(work / "importance.json", manifest.importance())
+    return CalibrationResult(manifest, missing, time.perf_counter() - start)
+
+
+def _run_layers(model: nn.Module, layers: nn.ModuleList, spec: ArchSpec, windows: torch.Tensor, batch_size: int,
+                device: str, manifest: CalibrationManifest, work: Path, missing: list[int]) -> None:
+    """Push all windows through layers 0..max(missing), accumulating statistics on the missing ones."""
+    inputs = capture_first_layer_inputs(model, layers, windows, batch_size)
+    with progress() as bar:
+        task = bar.add_task("calibrating", total=max(missing) + 1)
+        for index in range(max(missing) + 1):
+            layer = layers[index].to(device)
+            stats = _GroupStats(layer, spec, device) if index in missing else None
+            importance = 0.0
+            for batch, hidden, kwargs in iterate_batches(inputs, device):
+                out = layer_output(layer, hidden, kwargs)
+                importance += _importance_sum(hidden, out)
+                inputs.hidden[batch] = out.cpu()
+            layers[index].to("cpu")
+            if stats is not None:
+                tensors = stats.remove()
+                tokens = int(tensors["tokens"])
+                shard = artifacts.write_shard(work, shard_name(index), tensors)
+                manifest.layers[index] = LayerRecord(shard=shard, tokens=tokens, importance=importance / tokens)
+                manifest.save(work)
+                logger.debug("layer %d: %d tokens, importance %.4f", index, tokens, importance / tokens)
+            bar.advance(task)

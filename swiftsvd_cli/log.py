@@ -1,0 +1,35 @@
+"""Rich logging and progress bars: one console for the whole tool, so bars and log lines never interleave."""
+
+from __future__ import annotations
+
+import logging
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+console = Console(stderr=True)
+logger = logging.getLogger("swiftsvd")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Attach one RichHandler to the `swiftsvd` logger (idempotent)."""
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not any(isinstance(h, RichHandler) for h in logger.handlers):
+        logger.addHandler(RichHandler(console=console, show_path=False, markup=False))
+    logger.propagate = False
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our rich bars are the progress; HF's per-shard tqdm bars are noise
+
+
+def progress() -> Progress:
+    """A progress bar for per-layer loops (hidden when stderr is not a terminal)."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )

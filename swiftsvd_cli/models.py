@@ -1,0 +1,145 @@
+"""One loader for every stage: hub id, local HF directory, `.gguf` file, `demo`, or a swiftsvd-compressed directory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from swiftsvd_cli.errors import SwiftSVDError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEMO = "demo"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for a stage, with what a manifest needs to know about where it came from."""
+
+    model: Any  # transformers PreTrainedModel (CausalLM), eval mode
+    tokenizer: Any
+    spec: str
+    model_id: str
+    revision: str | None
+    fingerprint: str
+    compressed: dict[str, Any] | None = field(default=None)
+
+
+def resolve_dtype(dtype: str, device: str, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
+    """`auto` keeps the checkpoint's dtype on an accelerator and uses float32 on CPU (bf16 matmuls are slow there)."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise SwiftSVDError(f"unknown dtype '{dtype}': use auto, {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    if device.startswith("cpu") or checkpoint_dtype is None:
+        return torch.float32
+    return checkpoint_dtype
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def fingerprint(model: torch.nn.Module, config: Any) -> str:
+    """SHA-256 over the config, every tensor's name and shape, and a strided sample of its values.
+
+    Sampling keeps this to seconds on 7B models while still telling apart two checkpoints of one shape.
+    """
+    digest = hashlib.sha256()
+    config_dict = {k: v for k, v in config.to_dict().items() if k not in {"transformers_version", "dtype"}}
+    digest.update(json.dumps(config_dict, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        flat = tensor.detach().reshape(-1)
+        stride = max(1, flat.numel() // 1024)
+        digest.update(flat[::stride].to(torch.float32).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _source(spec: str) -> tuple[str, dict[str, Any]]:
+    """Where from_pretrained should look, and extra keyword arguments (gguf_file)."""
+    if spec == DEMO:
+        from swiftsvd_cli.demo import demo_model_dir
+
+        return str(demo_model_dir()), {}
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SwiftSVDError(f"GGUF file not found: {path}")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise SwiftSVDError(f"{path} is not a model directory (no config.json)")
+        return str(path), {}
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise SwiftSVDError(f"model path not found: {spec}")
+    return spec, {}
+
+
+def load_model(
+    spec: str,
+    *,
+    revision: str | None = None,
+    dtype: str = "auto",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    keep_on_cpu: bool = False,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer; every failure is a one-line `SwiftSVDError`.
+
+    `device` is where the model will compute (it decides what `dtype="auto"` means); `keep_on_cpu`
+    leaves the weights on the CPU for stages that move one decoder layer at a time to the device.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    location, extra = _source(spec)
+    is_local = Path(location).exists()
+    try:
+        config = AutoConfig.from_pretrained(
+            location, revision=revision, trust_remote_code=trust_remote_code, **extra
+        )
+    except OSError as error:
+        if is_local:
+            raise SwiftSVDError(f"cannot read the model config at {location}: {error}") from error
+        raise SwiftSVDError(
+            f"cannot load '{spec}' from the Hugging Face hub (offline, or wrong id/revision?): "
+            "download it elsewhere and pass the local directory instead"
+        ) from error
+    except ValueError as error:
+        raise SwiftSVDError(f"cannot load '{spec}': {error}".splitlines()[0]) from error
+    compressed = getattr(config, "swiftsvd", None)
+    if compressed is not None:
+        from swiftsvd_cli.compress import load_compressed
+
+        model, tokenizer = load_compressed(location, dtype=dtype, device=device)
+    else:
+        checkpoint_dtype = getattr(config, "dtype", None)
+        if isinstance(checkpoint_dtype, str):
+            checkpoint_dtype = DTYPES.get(checkpoint_dtype)
+        torch_dtype = resolve_dtype(dtype, device, checkpoint_dtype)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                location, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
+            )
+            tokenizer = AutoTokenizer.from_pretrained(
+                location, revision=revision, trust_remote_code=trust_remote_code, **extra
+            )
+        except (OSError, ValueError) as error:
+            raise SwiftSVDError(f"cannot load '{spec}': {str(error).splitlines()[0]}") from error
+        if not keep_on_cpu:
+            model.to(device)
+    model.eval()
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        spec=spec,
+        model_id=spec if spec == DEMO or not is_local else str(Path(location).resolve()),
+        revision=revision,
+        fingerprint=fingerprint(model, model.config),
+        compressed=compressed,
+    )
