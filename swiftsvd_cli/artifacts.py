@@ -144,6 +144,7 @@ class CalibrationManifest:
     model: ModelInfo
     settings: CalibrationSettings
     layers: dict[int, LayerRecord] = field(default_factory=dict)
+    eigen: dict[int, Shard] = field(default_factory=dict)  # eigenbases derived from these Grams and weights
     kind: str = "calibration"
     format_version: int = FORMAT_VERSION
     tool_version: str = __version__
@@ -159,6 +160,7 @@ class CalibrationManifest:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["layers"] = {str(index): asdict(record) for index, record in sorted(self.layers.items())}
+        data["eigen"] = {str(index): asdict(shard) for index, shard in sorted(self.eigen.items())}
         return data
 
     def save(self, work: Path) -> None:
@@ -176,14 +178,16 @@ class CalibrationManifest:
             )
         try:
             layers = {
-                int(index): LayerRecord(shard=Shard(**record["shard"]), tokens=record["tokens"],
-                                        importance=record["importance"])
+                int(index): LayerRecord(
+                    shard=Shard(**record["shard"]), tokens=record["tokens"], importance=record["importance"]
+                )
                 for index, record in data["layers"].items()
             }
             return cls(
                 model=ModelInfo(**data["model"]),
                 settings=CalibrationSettings(**data["settings"]),
                 layers=layers,
+                eigen={int(index): Shard(**shard) for index, shard in data.get("eigen", {}).items()},
                 tool_version=data["tool_version"],
                 created=data["created"],
             )

@@ -77,8 +77,9 @@ def _existing_manifest(work: Path) -> CalibrationManifest | None:
     return CalibrationManifest.load(work) if (work / artifacts.MANIFEST).exists() else None
 
 
-def _check_compatible(old: CalibrationManifest, model: ModelInfo, settings: CalibrationSettings, force: bool,
-                      work: Path) -> bool:
+def _check_compatible(
+    old: CalibrationManifest, model: ModelInfo, settings: CalibrationSettings, force: bool, work: Path
+) -> bool:
     """True if `old` can be resumed; with --force a mismatching WORK is cleared, otherwise refused."""
     changed = (["model"] if old.model.fingerprint != model.fingerprint else []) + artifacts.differences(
         old.settings, settings
@@ -151,28 +152,47 @@ def run_calibrate(options: CalibrateOptions) -> CalibrationResult:
     old = _existing_manifest(work)  # fail on a corrupt WORK before the (slow) model load
     start = time.perf_counter()
     device = options.device or default_device()
-    loaded = load_model(options.model, revision=options.revision, dtype=options.dtype, device=device,
-                        trust_remote_code=options.trust_remote_code, keep_on_cpu=True)
+    loaded = load_model(
+        options.model,
+        revision=options.revision,
+        dtype=options.dtype,
+        device=device,
+        trust_remote_code=options.trust_remote_code,
+        keep_on_cpu=True,
+    )
     spec = arch_for(loaded.model.config)
     layers = decoder_layers(loaded.model, spec)
     source = load_text(options.data, "train")
     settings = CalibrationSettings(
-        data=options.data, data_id=source.id, data_sha256=source.sha256, samples=options.samples,
-        seqlen=options.seqlen, seed=options.seed, dtype=str(next(loaded.model.parameters()).dtype),
+        data=options.data,
+        data_id=source.id,
+        data_sha256=source.sha256,
+        samples=options.samples,
+        seqlen=options.seqlen,
+        seed=options.seed,
+        dtype=str(next(loaded.model.parameters()).dtype),
     )
     info = model_info(loaded, len(layers))
-    windows = calibration_windows(tokenize(loaded.tokenizer, source.text), options.samples, options.seqlen,
-                                  options.seed)
+    windows = calibration_windows(
+        tokenize(loaded.tokenizer, source.text), options.samples, options.seqlen, options.seed
+    )
     widest = max(linear.in_features for linear in target_linears(layers[0], spec).values())
     if options.samples * options.seqlen < widest:
-        logger.warning("%d calibration tokens < input width %d: the Grams are rank-deficient (this still works)",
-                       options.samples * options.seqlen, widest)
+        logger.warning(
+            "%d calibration tokens < input width %d: the Grams are rank-deficient (this still works)",
+            options.samples * options.seqlen,
+            widest,
+        )
     manifest = old if old is not None and _check_compatible(old, info, settings, options.force, work) else None
     manifest = manifest or CalibrationManifest(model=info, settings=settings)
-    missing = [i for i in range(len(layers))
-               if i not in manifest.layers or not artifacts.shard_is_valid(work, manifest.layers[i].shard)]
+    missing = [
+        i
+        for i in range(len(layers))
+        if i not in manifest.layers or not artifacts.shard_is_valid(work, manifest.layers[i].shard)
+    ]
     for index in missing:
         manifest.layers.pop(index, None)
+        manifest.eigen.pop(index, None)  # derived from the Gram being recomputed
     work.mkdir(parents=True, exist_ok=True)
     manifest.save(work)
     if missing:
@@ -181,8 +201,17 @@ def run_calibrate(options: CalibrateOptions) -> CalibrationResult:
     return CalibrationResult(manifest, missing, time.perf_counter() - start)
 
 
-def _run_layers(model: nn.Module, layers: nn.ModuleList, spec: ArchSpec, windows: torch.Tensor, batch_size: int,
-                device: str, manifest: CalibrationManifest, work: Path, missing: list[int]) -> None:
+def _run_layers(
+    model: nn.Module,
+    layers: nn.ModuleList,
+    spec: ArchSpec,
+    windows: torch.Tensor,
+    batch_size: int,
+    device: str,
+    manifest: CalibrationManifest,
+    work: Path,
+    missing: list[int],
+) -> None:
     """Push all windows through layers 0..max(missing), accumulating statistics on the missing ones."""
     inputs = capture_first_layer_inputs(model, layers, windows, batch_size)
     with progress() as bar:

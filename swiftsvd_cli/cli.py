@@ -26,11 +26,15 @@ app = typer.Typer(
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-ModelArg = Annotated[str, typer.Argument(help="Hub id, local HF directory, .gguf file, or 'demo' (bundled SmolLM2-135M).")]
+ModelArg = Annotated[
+    str, typer.Argument(help="Hub id, local HF directory, .gguf file, or 'demo' (bundled SmolLM2-135M).")
+]
 DataOpt = Annotated[
     str, typer.Option("--data", help="wikitext2 | c4 | ptb | demo (bundled Brown Corpus) | PATH (.txt, .jsonl).")
 ]
-DtypeOpt = Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16 (auto: float32 on CPU, checkpoint dtype on GPU).")]
+DtypeOpt = Annotated[
+    str, typer.Option(help="auto | float32 | bfloat16 | float16 (auto: float32 on CPU, checkpoint dtype on GPU).")
+]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")]
 RevisionOpt = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of MODEL.")]
 RemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model's own Python code.")]
@@ -100,15 +104,29 @@ def calibrate(
     """Accumulate float64 input Grams per layer and input group; resumes an interrupted run."""
     from swiftsvd_cli.calibrate import CalibrateOptions, run_calibrate
 
-    options = CalibrateOptions(model=model, work=out, data=data, samples=samples, seqlen=seqlen, seed=seed,
-                               batch_size=batch_size, dtype=dtype, device=device, revision=revision,
-                               trust_remote_code=trust_remote_code, force=force)
+    options = CalibrateOptions(
+        model=model,
+        work=out,
+        data=data,
+        samples=samples,
+        seqlen=seqlen,
+        seed=seed,
+        batch_size=batch_size,
+        dtype=dtype,
+        device=device,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        force=force,
+    )
     result = run_calibrate(options)
     manifest = result.manifest
     importance = manifest.importance()
     table = Table(title=f"calibration of {manifest.model.model_id}", show_header=False)
-    table.add_row("layers", f"{len(manifest.layers)} ({len(result.computed_layers)} computed, "
-                            f"{len(manifest.layers) - len(result.computed_layers)} reused)")
+    table.add_row(
+        "layers",
+        f"{len(manifest.layers)} ({len(result.computed_layers)} computed, "
+        f"{len(manifest.layers) - len(result.computed_layers)} reused)",
+    )
     table.add_row("tokens", f"{manifest.layers[0].tokens:,} ({manifest.settings.samples} x {manifest.settings.seqlen})")
     table.add_row("data", manifest.settings.data_id)
     table.add_row("time", f"{result.seconds:.1f} s")
@@ -139,4 +157,184 @@ def env() -> None:
         properties = torch.cuda.get_device_properties(index)
         table.add_row(f"cuda:{index}", f"{properties.name}, {_size(properties.total_memory)}")
     table.add_row("cpu threads", str(torch.get_num_threads()))
+    console.print(table)
+
+
+RatioOpt = Annotated[
+    float,
+    typer.Option(
+        help="Fraction of the compressed linears' parameters KEPT (paper convention): 1.0 = original, 0.4 keeps 40%."
+    ),
+]
+StrategyOpt = Annotated[
+    str, typer.Option(help="dynamic (paper Algorithm 2, alpha chosen by validation perplexity) | uniform.")
+]
+AlphaOpt = Annotated[float | None, typer.Option(help="Fix Algorithm 2's alpha in [0, 1] and skip the grid search.")]
+MethodOpt = Annotated[
+    str, typer.Option(help="swift (ours, optimal) | svd | asvd | svd-llm (baselines on the same cache).")
+]
+
+
+@app.command()
+@user_errors
+def allocate(
+    work: Annotated[Path, typer.Argument(help="WORK directory written by `swiftsvd calibrate`.")],
+    ratio: RatioOpt,
+    strategy: StrategyOpt = "dynamic",
+    alpha: AlphaOpt = None,
+    delta: Annotated[float, typer.Option(help="Guaranteed share of the uniform rank per layer (paper: 0.5).")] = 0.5,
+    method: MethodOpt = "swift",
+    model: Annotated[str | None, typer.Option(help="Model, if not where WORK says (e.g. moved directory).")] = None,
+    val_data: Annotated[
+        str | None, typer.Option(help="Text scoring the alpha grid (default: the calibration text).")
+    ] = None,
+    val_samples: Annotated[int, typer.Option(help="Validation windows per alpha candidate.")] = 8,
+    name: Annotated[str | None, typer.Option(help="Plan name (default ratio-R-STRATEGY).")] = None,
+    device: DeviceOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing plan of that name.")] = False,
+) -> None:
+    """Eigenbases (computed once, cached in WORK) and a rank plan for a ratio: WORK/plans/NAME.json."""
+    from swiftsvd_cli.allocate import AllocateOptions, run_allocate
+
+    result = run_allocate(
+        AllocateOptions(
+            work=work,
+            ratio=ratio,
+            strategy=strategy,
+            alpha=alpha,
+            delta=delta,
+            method=method,
+            model=model,
+            val_data=val_data,
+            val_samples=val_samples,
+            name=name,
+            device=device,
+            force=force,
+        )
+    )
+    console.print(plan_table(result.plan))
+    console.print(
+        f"plan: {result.path}  ({len(result.eigen_computed)} layers eigendecomposed, {result.seconds:.1f} s)",
+        highlight=False,
+    )
+
+
+def plan_table(plan: Any) -> Table:
+    """Per matrix type: rank range, mean NER, and the layers given most / least."""
+    alpha = "" if plan.alpha is None else f", alpha {plan.alpha:.1f}"
+    table = Table(
+        title=f"{plan.strategy} plan: target ratio {plan.target_ratio:.3f}, achieved {plan.achieved_ratio:.4f}{alpha}"
+    )
+    for column in ("matrix", "shape", "ranks", "dense", "mean NER", "most (layer)", "least (layer)"):
+        table.add_column(column)
+    kinds: dict[str, list[Any]] = {}
+    for module in plan.modules:
+        kinds.setdefault(module.kind, []).append(module)
+    for kind, modules in kinds.items():
+        ranks = [m.rank for m in modules]
+        most = max(modules, key=lambda m: m.rank)
+        least = min(modules, key=lambda m: m.rank)
+        table.add_row(
+            kind,
+            f"{modules[0].m}x{modules[0].n}",
+            f"{min(ranks)}..{max(ranks)}",
+            str(sum(m.dense for m in modules)),
+            f"{sum(m.ner for m in modules) / len(modules):.3f}",
+            f"{most.rank} ({most.layer})",
+            f"{least.rank} ({least.layer})",
+        )
+    return table
+
+
+@app.command()
+@user_errors
+def compress(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for the compressed model.")],
+    plan: Annotated[Path | None, typer.Option(help="Rank plan from `swiftsvd allocate` (else give --ratio).")] = None,
+    ratio: Annotated[
+        float | None,
+        typer.Option(help="One shot: calibrate/allocate as needed, then compress. Fraction of parameters KEPT."),
+    ] = None,
+    work: Annotated[
+        Path | None,
+        typer.Option(help="One shot: WORK directory (default: a cache folder per model and settings)."),
+    ] = None,
+    strategy: StrategyOpt = "dynamic",
+    alpha: AlphaOpt = None,
+    method: MethodOpt = "swift",
+    merge: Annotated[
+        bool, typer.Option("--merge", help="Write a plain dense checkpoint (loads without swiftsvd).")
+    ] = False,
+    data: Annotated[
+        str | None,
+        typer.Option(help="One shot: calibration data (default wikitext2; demo for the demo model)."),
+    ] = None,
+    samples: Annotated[
+        int | None, typer.Option(help="One shot: calibration windows (default 256; 64 for demo).")
+    ] = None,
+    seqlen: Annotated[
+        int | None, typer.Option(help="One shot: tokens per window (default 2048; 512 for demo).")
+    ] = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+    revision: RevisionOpt = None,
+    trust_remote_code: RemoteCodeOpt = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
+) -> None:
+    """Compress MODEL by a plan (--plan) or in one shot (--ratio), into a loadable low-rank checkpoint."""
+    from swiftsvd_cli.compress import CompressOptions, run_compress
+    from swiftsvd_cli.pipeline import OneShotOptions, run_oneshot
+
+    if (plan is None) == (ratio is None):
+        raise SwiftSVDError("give exactly one of --plan PLAN or --ratio RATIO")
+    seconds: dict[str, float] = {}
+    if plan is not None:
+        result = run_compress(
+            CompressOptions(
+                model=model,
+                out=out,
+                plan=plan,
+                method=method,
+                merge=merge,
+                dtype=dtype,
+                device=device,
+                revision=revision,
+                trust_remote_code=trust_remote_code,
+                force=force,
+            )
+        )
+    else:
+        assert ratio is not None
+        oneshot = run_oneshot(
+            OneShotOptions(
+                model=model,
+                ratio=ratio,
+                out=out,
+                work=work,
+                strategy=strategy,
+                alpha=alpha,
+                method=method,
+                merge=merge,
+                data=data,
+                samples=samples,
+                seqlen=seqlen,
+                dtype=dtype,
+                device=device,
+                revision=revision,
+                trust_remote_code=trust_remote_code,
+                force=force,
+            )
+        )
+        result, seconds = oneshot.compress, oneshot.stage_seconds
+    console.print(plan_table(result.plan))
+    table = Table(title=f"compressed {result.plan.model.model_id} -> {result.out}", show_header=False)
+    table.add_row("method", method + (" (merged dense)" if merge else ""))
+    table.add_row(
+        "parameters",
+        f"{result.params_before:,} -> {result.params_after:,} "
+        f"({result.params_after / result.params_before:.1%} of the model)",
+    )
+    for stage, value in (seconds or {"compress": result.seconds}).items():
+        table.add_row(f"time: {stage}", f"{value:.1f} s")
     console.print(table)

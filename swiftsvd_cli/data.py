@@ -97,7 +97,7 @@ def eval_text(name: str) -> TextSource:
 
 def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
     """Token ids of the whole text as one 1-D tensor (no truncation; long texts are expected)."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0]
+    ids: torch.Tensor = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0]
     return ids.to(torch.long)
 
 

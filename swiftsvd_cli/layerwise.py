@@ -52,7 +52,7 @@ def capture_first_layer_inputs(
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for batch in windows.split(batch_size):
+        for batch in torch.split(windows, batch_size):
             try:
                 model(input_ids=batch.to(next(model.parameters()).device), use_cache=False)
             except _Captured:
@@ -65,7 +65,8 @@ def capture_first_layer_inputs(
 def layer_output(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
     """A decoder layer's output hidden states (some families return a tuple)."""
     out = layer(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
+    hidden_out: torch.Tensor = out[0] if isinstance(out, tuple) else out
+    return hidden_out
 
 
 def iterate_batches(

@@ -18,9 +18,11 @@ def setup_logging(verbose: bool = False) -> None:
     if not any(isinstance(h, RichHandler) for h in logger.handlers):
         logger.addHandler(RichHandler(console=console, show_path=False, markup=False))
     logger.propagate = False
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # our rich bars are the progress; HF's per-shard tqdm bars are noise
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # our rich bars are the progress; HF's per-shard tqdm bars are noise
+    hub_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # offline retries would print a warning line before our one-line error
 
 
 def progress() -> Progress:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ def fingerprint(model: torch.nn.Module, config: Any) -> str:
     """SHA-256 over the config, every tensor's name and shape, and a strided sample of its values.
 
     Sampling keeps this to seconds on 7B models while still telling apart two checkpoints of one shape.
+    Values are rounded to bfloat16 first, so loading one checkpoint in float32 or bfloat16 gives one identity.
     """
     digest = hashlib.sha256()
     config_dict = {k: v for k, v in config.to_dict().items() if k not in {"transformers_version", "dtype"}}
@@ -57,7 +57,7 @@ def fingerprint(model: torch.nn.Module, config: Any) -> str:
         digest.update(f"{name}:{tuple(tensor.shape)}".encode())
         flat = tensor.detach().reshape(-1)
         stride = max(1, flat.numel() // 1024)
-        digest.update(flat[::stride].to(torch.float32).cpu().numpy().tobytes())
+        digest.update(flat[::stride].to(torch.bfloat16).to(torch.float32).cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -100,9 +100,7 @@ def load_model(
     location, extra = _source(spec)
     is_local = Path(location).exists()
     try:
-        config = AutoConfig.from_pretrained(
-            location, revision=revision, trust_remote_code=trust_remote_code, **extra
-        )
+        config = AutoConfig.from_pretrained(location, revision=revision, trust_remote_code=trust_remote_code, **extra)
     except OSError as error:
         if is_local:
             raise SwiftSVDError(f"cannot read the model config at {location}: {error}") from error
@@ -132,7 +130,7 @@ def load_model(
         except (OSError, ValueError) as error:
             raise SwiftSVDError(f"cannot load '{spec}': {str(error).splitlines()[0]}") from error
         if not keep_on_cpu:
-            model.to(device)
+            model.to(device)  # type: ignore[arg-type]  # transformers' stub wraps `to` oddly
     model.eval()
     return LoadedModel(
         model=model,

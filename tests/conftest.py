@@ -86,3 +86,25 @@ def tiny_text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("text") / "corpus.txt"
     path.write_text(TINY_TEXT)
     return path
+
+
+@pytest.fixture(scope="session")
+def trained_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:  # noqa: ANN001
+    """A tiny Llama trained briefly on TINY_TEXT, so perplexity means something (random models sit at ~vocab)."""
+    torch.manual_seed(0)
+    model = build_tiny_model("llama", vocab_size=len(tiny_tokenizer))
+    ids = tiny_tokenizer(TINY_TEXT, return_tensors="pt").input_ids[0]
+    windows = ids[: (ids.numel() // 64) * 64].view(-1, 64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(60):
+        batch = windows[torch.randint(0, windows.shape[0], (8,))]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    path = tmp_path_factory.mktemp("trained-llama")
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path

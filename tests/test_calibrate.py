@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -20,8 +19,9 @@ SAMPLES, SEQLEN = 6, 24
 
 
 def options(model_dir: Path, work: Path, text: Path, **overrides: object) -> CalibrateOptions:
-    settings: dict[str, object] = dict(model=str(model_dir), work=work, data=str(text), samples=SAMPLES,
-                                       seqlen=SEQLEN, batch_size=4, device="cpu")
+    settings: dict[str, object] = dict(
+        model=str(model_dir), work=work, data=str(text), samples=SAMPLES, seqlen=SEQLEN, batch_size=4, device="cpu"
+    )
     settings.update(overrides)
     return CalibrateOptions(**settings)  # type: ignore[arg-type]
 
@@ -41,12 +41,15 @@ def reference_activations(model_dir: Path, text: Path) -> tuple[dict[str, list[t
     captured: dict[str, list[torch.Tensor]] = {}
     for index, layer in enumerate(model.model.layers):
         for name in LLAMA.modules:
+
             def hook(_m: object, args: tuple[torch.Tensor], out: torch.Tensor, key: str = f"{index}.{name}") -> None:
                 captured.setdefault(f"{key}:in", []).append(args[0].reshape(-1, args[0].shape[-1]).double())
                 captured.setdefault(f"{key}:out", []).append(out.reshape(-1, out.shape[-1]).double())
+
             layer.get_submodule(name).register_forward_hook(hook)
         layer.register_forward_hook(
-            lambda _m, _a, out, i=index: captured.setdefault(f"{i}:layer_out", []).append(out.double()))
+            lambda _m, _a, out, i=index: captured.setdefault(f"{i}:layer_out", []).append(out.double())
+        )
     with torch.no_grad():
         outputs = model(windows, output_hidden_states=True)
     return captured, windows, (model, outputs)
@@ -143,13 +146,14 @@ def foreign_work(tiny_llama_dir: Path, tiny_text_file: Path, tmp_path: Path) -> 
 def test_bad_inputs_are_one_line_errors_and_touch_nothing(
     foreign_work: Path, tiny_text_file: Path, tmp_path: Path, tiny_tokenizer: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import huggingface_hub.constants
     from transformers import GPT2Config, GPT2LMHeadModel
     from typer.testing import CliRunner
 
     from swiftsvd_cli.cli import app
     from tests.conftest import save_tiny_model
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: patch the constant
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=300)).save_pretrained(gpt2)
     other_model = save_tiny_model("qwen2", tmp_path / "other", tiny_tokenizer)
@@ -166,8 +170,21 @@ def test_bad_inputs_are_one_line_errors_and_touch_nothing(
     }
     runner = CliRunner()
     for case, (model, extra, message) in cases.items():
-        arguments = ["calibrate", model, "--out", str(foreign_work), "--samples", str(SAMPLES), "--seqlen",
-                     str(SEQLEN), "--data", str(tiny_text_file), "--device", "cpu", *extra]
+        arguments = [
+            "calibrate",
+            model,
+            "--out",
+            str(foreign_work),
+            "--samples",
+            str(SAMPLES),
+            "--seqlen",
+            str(SEQLEN),
+            "--data",
+            str(tiny_text_file),
+            "--device",
+            "cpu",
+            *extra,
+        ]
         result = runner.invoke(app, arguments)
         assert result.exit_code == 1, (case, result.output)
         assert message in result.output, (case, result.output)

@@ -1,0 +1,130 @@
+"""Rank allocation, pure arithmetic: uniform ranks and the paper's dynamic allocation (Algorithm 2).
+
+Ratio convention (paper): ρ is the fraction of the compressed linears' parameters that is *kept*. A rank-k
+factorisation of an (m, n) weight costs k (m + n) parameters; at k ≥ break_even_rank(m, n) it saves nothing,
+so such a module stays dense and costs m n.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+from torch import Tensor
+
+from swiftsvd_cli.linalg import RANK_FLOOR_SLACK, break_even_rank, predicted_loss, uniform_rank
+
+
+def is_dense(m: int, n: int, k: int) -> bool:
+    """A module whose rank reaches the break-even rank stays dense: factoring it would save nothing."""
+    return k >= break_even_rank(m, n)
+
+
+def parameter_count(m: int, n: int, k: int) -> int:
+    """Parameters of an (m, n) weight at rank k: m n if dense, else k (m + n) for A (m, k) and B (k, n)."""
+    return m * n if is_dense(m, n, k) else k * (m + n)
+
+
+def achieved_ratio(shapes_and_ranks: Iterable[tuple[int, int, int]]) -> float:
+    """Kept-parameter ratio Σ params(m, n, k) / Σ m n over (m, n, k) triples (dense modules count as m n)."""
+    kept = total = 0
+    for m, n, k in shapes_and_ranks:
+        kept += parameter_count(m, n, k)
+        total += m * n
+    return kept / total if total else 1.0
+
+
+def uniform_ranks(m: int, n: int, ratio: float, num_layers: int) -> list[int]:
+    """The same rank floor(m n / (m + n) · ρ) for every layer."""
+    return [uniform_rank(m, n, ratio)] * num_layers
+
+
+def minimal_loss_at_uniform(eigenvalues: Tensor, m: int, n: int, ratio: float) -> float:
+    """ε*_{k̄} = (Σ_{j>k̄} σ_j²)^{1/2} = √predicted_loss[floor(k̄)]: one layer's input to `dynamic_ranks`."""
+    curve = predicted_loss(eigenvalues)  # (len + 1,)
+    k = min(uniform_rank(m, n, ratio), curve.numel() - 1)
+    return math.sqrt(float(curve[k]))
+
+
+def normalized_importance(importance: Sequence[float]) -> list[float]:
+    """β ← (β − min β) / (max β − min β) + 1, into [1, 2]; all ones when every layer is equally important."""
+    lo, hi = min(importance), max(importance)
+    if hi - lo <= 0:
+        return [1.0] * len(importance)
+    return [(b - lo) / (hi - lo) + 1.0 for b in importance]
+
+
+def allocation_scores(
+    losses_at_uniform: Sequence[float], importance: Sequence[float], alpha: float
+) -> list[float]:
+    """s_i = β_i^α · ln(e + ε*_i)^{1−α}: α = 1 uses importance only, α = 0 loss only."""
+    beta = normalized_importance(importance)
+    return [
+        b**alpha * math.log(math.e + eps) ** (1.0 - alpha)
+        for b, eps in zip(beta, losses_at_uniform, strict=True)
+    ]
+
+
+def dynamic_ranks(
+    m: int,
+    n: int,
+    losses_at_uniform: Sequence[float],
+    importance: Sequence[float],
+    ratio: float,
+    alpha: float,
+    delta: float = 0.5,
+) -> list[int]:
+    """Paper Algorithm 2 for one matrix type (e.g. all L q_proj): per-layer ranks for a kept ratio ρ.
+
+    `losses_at_uniform[i]` is ε*_{k̄,i}, layer i's *square-rooted* loss tail at the uniform rank
+    (see `minimal_loss_at_uniform`); `importance[i]` its block influence. Every layer keeps k̄ δ (the
+    guaranteed minimum, k̄ = m n / (m + n) ρ real) and the pool k̄ L − L k̄ δ is shared in proportion to s_i.
+    Integer ranks: floor, then the leftover one by one in descending score, so Σ k_i = floor(k̄ L).
+    A rank is capped at the break-even rank (the module then stays dense) and the excess goes to the others
+    in score order. Because a dense module costs m n > k_be (m + n), capped modules are finally lowered to
+    k_be − 1 (lowest score first) while the parameter count exceeds ρ L m n, so the achieved ratio never
+    exceeds ρ when ρ < 1. Guarantees: Σ k_i ≤ floor(k̄ L); k_i ≥ floor(k̄ δ) (unless that minimum itself is
+    the cap and the budget forbids dense modules); a higher score never gets a lower rank.
+    """
+    L = len(losses_at_uniform)
+    if L == 0 or len(importance) != L:
+        raise ValueError(f"need one loss and one importance per layer, got {L} and {len(importance)}")
+    if not 0.0 <= alpha <= 1.0 or not 0.0 <= delta <= 1.0 or ratio < 0:
+        raise ValueError(f"need 0 <= alpha, delta <= 1 and ratio >= 0, got {alpha}, {delta}, {ratio}")
+    if any(not math.isfinite(e) or e < 0 for e in losses_at_uniform):
+        raise ValueError("losses_at_uniform must be finite and non-negative")
+    scores = allocation_scores(losses_at_uniform, importance, alpha)
+    order = sorted(range(L), key=lambda i: (-scores[i], i))  # descending score, ties by layer
+    k_bar = m * n / (m + n) * ratio
+    base = k_bar * delta
+    pool = k_bar * L - base * L
+    total_score = sum(scores)
+    ranks = [math.floor(base + pool * s / total_score + RANK_FLOOR_SLACK) for s in scores]
+    floor_min = math.floor(base + RANK_FLOOR_SLACK)
+    target = math.floor(k_bar * L + RANK_FLOOR_SLACK)
+    leftover = target - sum(ranks)
+    while leftover > 0:  # < L after flooring: at most one more per layer, best scores first
+        for i in order[:leftover]:
+            ranks[i] += 1
+        leftover = target - sum(ranks)
+    for i in reversed(order):  # rounding could overshoot by a hair: take back from the lowest scores
+        while leftover < 0 and ranks[i] > floor_min:
+            ranks[i] -= 1
+            leftover += 1
+
+    cap = break_even_rank(m, n)
+    excess = sum(max(0, k - cap) for k in ranks)
+    ranks = [min(k, cap) for k in ranks]
+    for i in order:
+        give = min(excess, cap - ranks[i])
+        ranks[i] += give
+        excess -= give
+
+    if cap > 0:
+        budget = ratio * L * m * n
+        for i in reversed(order):
+            if sum(parameter_count(m, n, k) for k in ranks) <= budget:
+                break
+            if ranks[i] == cap:
+                ranks[i] = cap - 1
+    return ranks

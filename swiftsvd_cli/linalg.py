@@ -1,0 +1,194 @@
+"""Pure math of Swift-SVD: input Grams, the optimal eigenbasis of C = W G Wᵀ, factors and loss curves.
+
+Tensors in, tensors out: no files, no logging, no device choice (everything runs where its inputs live).
+Notation follows the paper: W (m, n) a linear layer's weight (m = out, n = in features), G = Σ x xᵀ (n, n)
+the Gram of its inputs, S = G^{1/2}, C = W G Wᵀ (m, m) the Gram of its outputs, U its eigenvectors.
+For every rank k the optimum of min ‖W X − W' X‖_F over rank(W') ≤ k is W' = U_k U_kᵀ W and its error
+is the eigenvalue tail Σ_{i>k} λ_i, so one eigendecomposition serves every rank and every ratio.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+SVD_PRECISION = torch.float64
+"""Precision of every decomposition. float64 because C = W G Wᵀ squares the condition number of W X."""
+
+RANK_FLOOR_SLACK = 1e-9
+"""Added before flooring a rank so that decimal ratios (0.29 · 100 = 28.999999999999996) floor as meant."""
+
+
+def make_empty_gram(n: int) -> Tensor:
+    """A zero (n, n) float64 Gram to accumulate into; float64 because sums over millions of tokens drift."""
+    return torch.zeros(n, n, dtype=torch.float64)
+
+
+def accumulate_gram(G: Tensor, x: Tensor) -> int:
+    """Add xᵀ x to G in place (in G's dtype and on G's device); return the number of tokens (rows) added.
+
+    x is (..., n) in any dtype, e.g. a (batch, seq, n) activation captured by a hook.
+    """
+    n = G.shape[0]
+    if x.shape[-1] != n:
+        raise ValueError(f"input has {x.shape[-1]} features, Gram is {n} x {n}")
+    X = x.reshape(-1, n).to(device=G.device, dtype=G.dtype)  # (N, n)
+    G.addmm_(X.T, X)
+    return int(X.shape[0])
+
+
+def break_even_rank(m: int, n: int) -> int:
+    """floor(m n / (m + n)): a factorisation of this rank or more has at least as many parameters as W."""
+    return (m * n) // (m + n)
+
+
+def uniform_rank(m: int, n: int, ratio: float) -> int:
+    """The paper's uniform rank floor(m n / (m + n) · ratio) for a kept-parameter ratio."""
+    return max(0, math.floor(m * n / (m + n) * ratio + RANK_FLOOR_SLACK))
+
+
+def _symmetric(A: Tensor) -> Tensor:
+    """(A + Aᵀ)/2: eigh reads one triangle only, so make rounding asymmetry harmless and explicit."""
+    return (A + A.T) * 0.5
+
+
+def gram_sqrt(G: Tensor, precision: torch.dtype = SVD_PRECISION) -> Tensor:
+    """The symmetric PSD square root S = Q diag(√max(g, 0)) Qᵀ of G, (n, n).
+
+    Unlike a Cholesky factor it exists for every PSD G, including rank-deficient ones (fewer tokens than
+    features) and ones that rounding made slightly indefinite. Compute it once per input group.
+    """
+    g, Q = torch.linalg.eigh(_symmetric(G.to(dtype=precision)))  # (n,), (n, n)
+    return _symmetric((Q * g.clamp_min(0).sqrt()) @ Q.T)  # exactly symmetric, for downstream eigh
+
+
+@dataclass(frozen=True)
+class Eigenbasis:
+    """Spectrum of C = W G Wᵀ: all eigenvalues and the top-k eigenvectors, enough for every rank ≤ k."""
+
+    eigenvalues: Tensor  # (min(m, n),) descending, ≥ 0, noise-level ones set to 0
+    vectors: Tensor  # (m, k) orthonormal columns, the top-k eigenvectors of C
+
+
+def _zero_noise(lam: Tensor, dim: int) -> Tensor:
+    """Set eigenvalues below dim · eps · λ₁ (rounding noise of forming C) and negative ones to exactly 0."""
+    if lam.numel() == 0:
+        return lam
+    tol = dim * torch.finfo(lam.dtype).eps * lam[0].clamp_min(0)
+    return torch.where(lam > tol, lam, torch.zeros_like(lam))
+
+
+def _orthonormal_columns(U: Tensor) -> Tensor:
+    """Q of U = Q R with diag(R) ≥ 0: keeps every leading span of U (so every prefix U_k stays optimal)
+    and restores exact orthonormality that dividing by small √λ erodes."""
+    Q, R = torch.linalg.qr(U)
+    d = torch.sign(torch.diagonal(R))
+    Q_signed: Tensor = Q * torch.where(d == 0, torch.ones_like(d), d)  # (m, k)
+    return Q_signed
+
+
+def eigenbasis(
+    W: Tensor,
+    G: Tensor,
+    k: int | None = None,
+    S: Tensor | None = None,
+    precision: torch.dtype = SVD_PRECISION,
+) -> Eigenbasis:
+    """Eigenvalues and top-k eigenvectors of C = W G Wᵀ, the optimal rank-k subspaces for W under inputs G.
+
+    k defaults to break_even_rank(m, n), the largest rank ever worth factoring. If m ≤ n, C (m, m) is
+    decomposed directly. If m > n the work stays n × n: M = W S with S = G^{1/2} (pass S to share it
+    across the modules of one input group), eigh(Mᵀ M) = V Λ Vᵀ has C's nonzero eigenvalues and
+    U_k = M V_k Λ_k^{-1/2}.
+    Directions with zero eigenvalue (rank-deficient W or G) carry no output energy; they get an orthonormal
+    completion, so the factors are always finite and A = U_k orthonormal.
+    """
+    m, n = W.shape
+    k = break_even_rank(m, n) if k is None else k
+    if not 0 <= k <= min(m, n):
+        raise ValueError(f"rank {k} outside [0, {min(m, n)}] for a {m} x {n} weight")
+    W_ = W.to(dtype=precision)  # (m, n)
+    if m <= n:
+        C = _symmetric(W_ @ G.to(dtype=precision) @ W_.T)  # (m, m)
+        lam, Q = torch.linalg.eigh(C)  # ascending
+        lam = _zero_noise(lam.flip(0), max(m, n))  # (m,)
+        return Eigenbasis(eigenvalues=lam, vectors=Q.flip(1)[:, :k].contiguous())
+    S_ = gram_sqrt(G, precision) if S is None else S.to(dtype=precision)  # (n, n)
+    M = W_ @ S_  # (m, n), M Mᵀ = C
+    lam, V = torch.linalg.eigh(_symmetric(M.T @ M))  # (n,), (n, n)
+    lam = _zero_noise(lam.flip(0), max(m, n))
+    V_k = V.flip(1)[:, :k]  # (n, k)
+    lam_k = lam[:k]
+    positive = lam_k > 0
+    U = (M @ V_k) / torch.where(positive, lam_k, torch.ones_like(lam_k)).sqrt()  # (m, k)
+    n_zero = int((~positive).sum())
+    if n_zero:
+        # Zero-energy directions: any orthonormal completion is optimal; a fixed seed keeps runs reproducible.
+        gen = torch.Generator().manual_seed(0)
+        fill = torch.randn(m, n_zero, generator=gen, dtype=precision).to(U.device)
+        U = torch.cat([U[:, positive], fill], dim=1)
+    return Eigenbasis(eigenvalues=lam, vectors=_orthonormal_columns(U) if k else U)
+
+
+def group_eigenbases(
+    weights: Mapping[str, Tensor],
+    G: Tensor,
+    ks: Mapping[str, int] | None = None,
+    precision: torch.dtype = SVD_PRECISION,
+) -> dict[str, Eigenbasis]:
+    """Eigenbases of all modules reading one input (q/k/v or gate/up), sharing one S = G^{1/2}.
+
+    S is computed only if some module has m > n, and then only once for the whole group.
+    """
+    S: Tensor | None = None
+    out: dict[str, Eigenbasis] = {}
+    for name, W in weights.items():
+        if W.shape[0] > W.shape[1] and S is None:
+            S = gram_sqrt(G, precision)
+        k = None if ks is None else ks.get(name)
+        out[name] = eigenbasis(W, G, k=k, S=S, precision=precision)
+    return out
+
+
+def factorize(W: Tensor, U: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """A = U_k (m, k), B = U_kᵀ W (k, n), in U's precision: W' = A B = U_k U_kᵀ W. The caller casts."""
+    if not 0 <= k <= U.shape[1]:
+        raise ValueError(f"rank {k} outside [0, {U.shape[1]}] available eigenvectors")
+    A = U[:, :k]  # (m, k)
+    B = A.T @ W.to(dtype=U.dtype, device=U.device)  # (k, n)
+    return A.contiguous(), B
+
+
+def predicted_loss(eigenvalues: Tensor) -> Tensor:
+    """(len + 1,) loss curve: entry k = Σ_{i>k} λ_i = min ‖W X − W_k X‖²_F; entry 0 is the total energy.
+
+    Summed from the small end (reverse cumsum) so that small tails keep their relative accuracy.
+    """
+    lam = eigenvalues.to(dtype=torch.float64).clamp_min(0)
+    tail = lam.flip(0).cumsum(0).flip(0)  # (len,)
+    return torch.cat([tail, tail.new_zeros(1)])
+
+
+def effective_rank(eigenvalues: Tensor) -> float:
+    """Roy & Vetterli effective rank exp(H(p)) with p_i = σ_i / Σ σ, σ = √λ (singular values of Y = W X).
+
+    Lies in [1, len] for a nonzero spectrum; 0.0 for an all-zero one.
+    """
+    sigma = eigenvalues.to(dtype=torch.float64).clamp_min(0).sqrt()
+    total = sigma.sum()
+    if total <= 0:
+        return 0.0
+    p = sigma / total
+    p = p[p > 0]  # 0 · ln 0 = 0
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def normalized_effective_rank(eigenvalues: Tensor) -> float:
+    """Effective rank divided by the number of eigenvalues (the paper's NER), in [0, 1]."""
+    if eigenvalues.numel() == 0:
+        return 0.0
+    return effective_rank(eigenvalues) / eigenvalues.numel()

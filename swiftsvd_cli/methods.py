@@ -1,0 +1,69 @@
+"""Factorisation methods, all fed by the same WORK: Swift-SVD (ours) and the baselines it is measured against.
+
+`swift`: A = U_k, B = U_kᵀ W from the cached eigenbasis (optimal for ‖WX − W'X‖).
+`svd`: truncated SVD of W (activation-unaware). `asvd`: SVD of W diag(mean|x|^0.5), folded back.
+`svd-llm`: SVD-LLM's Cholesky whitening (shifted when G is not positive definite), kept faithful.
+Ranks always come from a plan, so methods differ only in the factorisation.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from swiftsvd_cli import artifacts
+from swiftsvd_cli.architectures import ArchSpec
+from swiftsvd_cli.artifacts import CalibrationManifest
+from swiftsvd_cli.baselines import asvd_factors, svd_factors, svd_llm_factors
+from swiftsvd_cli.errors import SwiftSVDError
+from swiftsvd_cli.linalg import factorize
+
+logger = logging.getLogger("swiftsvd")
+METHODS = ("swift", "svd", "asvd", "svd-llm")
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise SwiftSVDError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
+    return method
+
+
+def layer_factors(
+    method: str,
+    work: Path,
+    manifest: CalibrationManifest,
+    spec: ArchSpec,
+    index: int,
+    linears: dict[str, nn.Linear],
+    ranks: dict[str, int],
+    device: str,
+) -> Factors:
+    """(A, B) in float64 for the modules of layer `index` listed in `ranks` (module path -> rank)."""
+    if not ranks:
+        return {}
+    weights = {name: linears[name].weight.detach().to(device=device, dtype=torch.float64) for name in ranks}
+    if method == "swift":
+        bases = artifacts.read_shard(work, manifest.eigen[index])
+        return {
+            name: factorize(W, bases[f"{name}.vectors"].to(device=device, dtype=torch.float64), ranks[name])
+            for name, W in weights.items()
+        }
+    if method == "svd":
+        return {name: svd_factors(W, ranks[name]) for name, W in weights.items()}
+    stats = artifacts.read_shard(work, manifest.layers[index].shard)
+    tokens = float(stats["tokens"])
+    factors: Factors = {}
+    for name, W in weights.items():
+        group = spec.group_of(name)
+        if method == "asvd":
+            factors[name] = asvd_factors(W, stats[f"{group}.abs_sum"].to(device) / tokens, ranks[name])
+        else:
+            result = svd_llm_factors(W, stats[f"{group}.gram"].to(device), ranks[name])
+            if result.shifted:
+                logger.info("svd-llm: layer %d %s: Gram not positive definite, shifted (as SVD-LLM does)", index, name)
+            factors[name] = (result.A, result.B)
+    return factors

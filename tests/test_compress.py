@@ -1,0 +1,171 @@
+"""allocate + compress on tiny models: exactness at ρ = 1, monotone perplexity, factored == merged, sizes, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from swiftsvd_cli.allocate import AllocateOptions, run_allocate
+from swiftsvd_cli.calibrate import CalibrateOptions, run_calibrate
+from swiftsvd_cli.cli import app
+from swiftsvd_cli.compress import CompressOptions, load_compressed, run_compress
+from swiftsvd_cli.data import load_text
+from swiftsvd_cli.perplexity import perplexity, tokenize_text
+from swiftsvd_cli.plan import RankPlan
+
+SAMPLES, SEQLEN = 16, 64
+
+
+@pytest.fixture(scope="module")
+def work(trained_llama_dir: Path, tiny_text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("work")
+    run_calibrate(
+        CalibrateOptions(
+            model=str(trained_llama_dir),
+            work=path,
+            data=str(tiny_text_file),
+            samples=SAMPLES,
+            seqlen=SEQLEN,
+            device="cpu",
+        )
+    )
+    return path
+
+
+def plan_for(work: Path, ratio: float, strategy: str = "uniform", **extra: object) -> Path:
+    return run_allocate(
+        AllocateOptions(work=work, ratio=ratio, strategy=strategy, device="cpu", force=True, **extra)
+    ).path  # type: ignore[arg-type]
+
+
+def compress_to(model_dir: Path, plan: Path, out: Path, merge: bool = False) -> Path:
+    run_compress(CompressOptions(model=str(model_dir), out=out, plan=plan, merge=merge, device="cpu", dtype="float32"))
+    return out
+
+
+def text_ppl(model: torch.nn.Module, model_dir: Path, text_file: Path) -> float:
+    ids = tokenize_text(AutoTokenizer.from_pretrained(model_dir), load_text(str(text_file), "train").text)
+    return perplexity(model, ids, seqlen=SEQLEN).ppl
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.arange(3, 40).unsqueeze(0)).logits
+
+
+def test_ratio_one_is_the_original(work: Path, trained_llama_dir: Path, tmp_path: Path) -> None:
+    plan = RankPlan.load(plan_for(work, 1.0))
+    assert all(module.dense for module in plan.modules) and plan.achieved_ratio == 1.0
+    model, _ = load_compressed(compress_to(trained_llama_dir, plan_for(work, 1.0), tmp_path / "c"))
+    original = AutoModelForCausalLM.from_pretrained(trained_llama_dir, dtype=torch.float32)
+    assert torch.equal(logits(model), logits(original))
+
+
+def test_perplexity_monotone_in_ratio(
+    work: Path, trained_llama_dir: Path, tiny_text_file: Path, tmp_path: Path
+) -> None:
+    ppls = []
+    for ratio in (1.0, 0.8, 0.6, 0.4, 0.2):
+        model, _ = load_compressed(compress_to(trained_llama_dir, plan_for(work, ratio), tmp_path / f"r{ratio}"))
+        ppls.append(text_ppl(model, trained_llama_dir, tiny_text_file))
+    assert ppls == sorted(ppls), ppls
+    assert ppls[-1] > 1.5 * ppls[0], ppls  # compression really bites
+
+
+def test_factored_equals_merged_and_sizes_match_plan(work: Path, trained_llama_dir: Path, tmp_path: Path) -> None:
+    plan_path = plan_for(work, 0.5, "dynamic", alpha=0.6)
+    plan = RankPlan.load(plan_path)
+    assert 0.5 - 0.05 < plan.achieved_ratio <= 0.5  # tiny dims: flooring costs up to a few %
+    factored, _ = load_compressed(compress_to(trained_llama_dir, plan_path, tmp_path / "f"))
+    merged = AutoModelForCausalLM.from_pretrained(
+        compress_to(trained_llama_dir, plan_path, tmp_path / "m", merge=True), dtype=torch.float32
+    )
+    torch.testing.assert_close(logits(factored), logits(merged), rtol=1e-4, atol=1e-4)
+    original = AutoModelForCausalLM.from_pretrained(trained_llama_dir, dtype=torch.float32)
+    dense_total = sum(p.m * p.n for p in plan.modules)
+    expected = sum(p.numel() for p in original.parameters()) - dense_total + sum(p.params for p in plan.modules)
+    assert sum(p.numel() for p in factored.parameters()) == expected
+    assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in original.parameters())
+    section = json.loads((tmp_path / "f" / "config.json").read_text())["swiftsvd"]
+    assert section["ranks"] == plan.ranks("model.layers")
+    generated = factored.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 7)
+
+
+def test_predicted_loss_matches_measured(work: Path, trained_llama_dir: Path, tmp_path: Path) -> None:
+    """The plan's Σ_{i>k} λ_i equals ‖WX − ABX‖² measured on the calibration Gram."""
+    from swiftsvd_cli import artifacts
+
+    plan = RankPlan.load(plan_for(work, 0.4))
+    compressed, _ = load_compressed(compress_to(trained_llama_dir, plan_for(work, 0.4), tmp_path / "c"))
+    original = AutoModelForCausalLM.from_pretrained(trained_llama_dir, dtype=torch.float32)
+    manifest = artifacts.CalibrationManifest.load(work)
+    for module in plan.modules:
+        grams = artifacts.read_shard(work, manifest.layers[module.layer].shard)
+        group = {
+            "q": "attn_in",
+            "k": "attn_in",
+            "v": "attn_in",
+            "o": "attn_out",
+            "gate": "mlp_in",
+            "up": "mlp_in",
+            "down": "mlp_out",
+        }[module.kind.split("_")[0]]
+        path = f"model.layers.{module.layer}.{module.module}"
+        W = original.get_submodule(path).weight.double()
+        low = compressed.get_submodule(path)
+        W_k = low.A.weight.double() @ low.B.weight.double()
+        E = W - W_k
+        measured = float(torch.trace(E @ grams[f"{group}.gram"] @ E.T))
+        assert measured == pytest.approx(module.predicted_loss, rel=1e-4, abs=1e-6), path
+
+
+def test_dynamic_search_records_candidates(work: Path) -> None:
+    plan = RankPlan.load(plan_for(work, 0.6, "dynamic", val_samples=2))
+    assert [c["alpha"] for c in plan.candidates] == [round(0.1 * i, 1) for i in range(11)]
+    best = min(plan.candidates, key=lambda c: (c["val_ppl"], c["alpha"]))
+    assert plan.alpha == best["alpha"]
+    assert plan.achieved_ratio <= 0.6
+
+
+def test_second_ratio_reuses_eigenbases(work: Path) -> None:
+    plan_for(work, 0.7)
+    assert (
+        run_allocate(AllocateOptions(work=work, ratio=0.3, strategy="uniform", device="cpu", force=True)).eigen_computed
+        == []
+    )
+
+
+def test_bad_inputs(work: Path, trained_llama_dir: Path, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    plan = plan_for(work, 0.5)
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    empty_work = tmp_path / "empty-work"
+    empty_work.mkdir()
+    cases = {
+        "ratio 0": (["allocate", str(work), "--ratio", "0"], "outside (0, 1]"),
+        "ratio > 1": (["allocate", str(work), "--ratio", "1.5"], "outside (0, 1]"),
+        "WORK without covariance": (["allocate", str(empty_work), "--ratio", "0.5"], "no calibration"),
+        "plan from another model": (
+            ["compress", str(tiny_llama_dir), "--plan", str(plan), "--out", str(tmp_path / "x"), "--device", "cpu"],
+            "another model",
+        ),
+        "output exists": (["compress", str(trained_llama_dir), "--plan", str(plan), "--out", str(existing)], "exists"),
+        "one-shot ratio outside": (
+            ["compress", str(trained_llama_dir), "--ratio", "-1", "--out", str(tmp_path / "y")],
+            "outside (0, 1]",
+        ),
+    }
+    for case, (arguments, message) in cases.items():
+        result = runner.invoke(app, arguments)
+        assert result.exit_code == 1, (case, result.output)
+        assert message in result.output and "Traceback" not in result.output, (case, result.output)
+    assert (existing / "keep.txt").read_text() == "mine"
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
