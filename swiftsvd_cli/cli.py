@@ -338,3 +338,65 @@ def compress(
     for stage, value in (seconds or {"compress": result.seconds}).items():
         table.add_row(f"time: {stage}", f"{value:.1f} s")
     console.print(table)
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    targets: Annotated[
+        list[str],
+        typer.Argument(
+            help="Models to compare, first = baseline: hub id, local dir, .gguf, 'demo', or a compressed dir.",
+            show_default=False,
+        ),
+    ],
+    tasks: Annotated[
+        str,
+        typer.Option(
+            "--tasks",
+            "-t",
+            help="Comma list: perplexity data (wikitext2, ptb, c4, demo, PATH.txt/.jsonl) and/or lm-eval "
+            "tasks (openbookqa, arc_easy, arc_challenge, winogrande, hellaswag, piqa, mathqa, ...).",
+        ),
+    ] = "wikitext2",
+    seqlen: Annotated[int, typer.Option(help="Perplexity window length (the field uses 2048).")] = 2048,
+    limit: Annotated[int | None, typer.Option(help="Only the first N perplexity windows per dataset.")] = None,
+    zeroshot_limit: Annotated[int | None, typer.Option(help="Only the first N examples per zero-shot task.")] = None,
+    include_path: Annotated[
+        Path | None, typer.Option(help="Folder of extra lm-eval task YAMLs (e.g. local, offline tasks).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows (or lm-eval requests) per forward pass.")] = 1,
+    bench: Annotated[
+        bool, typer.Option("--bench", help="Also measure prefill/decode tokens/s and peak memory.")
+    ] = False,
+    bench_prompt_len: Annotated[int, typer.Option(help="Prompt tokens for --bench.")] = 128,
+    bench_new_tokens: Annotated[int, typer.Option(help="Greedy new tokens for --bench.")] = 32,
+    bench_repeats: Annotated[int, typer.Option(help="Timed repeats for --bench (median).")] = 3,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the JSON report here.")] = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+    trust_remote_code: RemoteCodeOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Perplexity (SVD-LLM protocol), zero-shot accuracy (lm-eval), size and speed: one column per TARGET."""
+    from swiftsvd_cli.evaluate import EvalOptions, evaluate, render_table
+
+    options = EvalOptions(
+        targets=tuple(targets),
+        tasks=(tasks,),
+        seqlen=seqlen,
+        limit=limit,
+        batch_size=batch_size,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=trust_remote_code,
+        zeroshot_limit=zeroshot_limit,
+        task_include_path=include_path,
+        bench=bench,
+        bench_prompt_len=bench_prompt_len,
+        bench_new_tokens=bench_new_tokens,
+        bench_repeats=bench_repeats,
+        output=output,
+        force=force,
+    )
+    console.print(render_table(evaluate(options)))

@@ -96,8 +96,12 @@ def eval_text(name: str) -> TextSource:
 
 
 def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
-    """Token ids of the whole text as one 1-D tensor (no truncation; long texts are expected)."""
-    ids: torch.Tensor = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0]
+    """The field's tokenisation: the whole text at once, as SVD-LLM / Swift-SVD do; 1-D int64 ids.
+
+    `tokenizer(text)` prepends one BOS for Llama-style tokenizers to the whole text, not one per window.
+    `verbose=False` silences the "longer than model max length" warning: the caller cuts windows itself.
+    """
+    ids: torch.Tensor = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
     return ids.to(torch.long)
 
 

@@ -14,8 +14,8 @@ from swiftsvd_cli.allocate import AllocateOptions, run_allocate
 from swiftsvd_cli.calibrate import CalibrateOptions, run_calibrate
 from swiftsvd_cli.cli import app
 from swiftsvd_cli.compress import CompressOptions, load_compressed, run_compress
-from swiftsvd_cli.data import load_text
-from swiftsvd_cli.perplexity import perplexity, tokenize_text
+from swiftsvd_cli.data import load_text, tokenize
+from swiftsvd_cli.perplexity import perplexity
 from swiftsvd_cli.plan import RankPlan
 
 SAMPLES, SEQLEN = 16, 64
@@ -49,7 +49,7 @@ def compress_to(model_dir: Path, plan: Path, out: Path, merge: bool = False) -> 
 
 
 def text_ppl(model: torch.nn.Module, model_dir: Path, text_file: Path) -> float:
-    ids = tokenize_text(AutoTokenizer.from_pretrained(model_dir), load_text(str(text_file), "train").text)
+    ids = tokenize(AutoTokenizer.from_pretrained(model_dir), load_text(str(text_file), "train").text)
     return perplexity(model, ids, seqlen=SEQLEN).ppl
 
 

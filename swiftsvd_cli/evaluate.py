@@ -1,0 +1,396 @@
+"""The `eval` stage: perplexity, zero-shot accuracy, size and speed of several models, side by side.
+
+Each target (hub id, local directory, `demo`, compressed directory) is loaded in turn, measured, and freed, so
+an original model and its compressed versions can be compared on a machine that holds one of them at a time.
+The report records the protocol next to the numbers (dataset ids and hashes, seqlen, windows, dtype, device,
+versions, model fingerprints): a perplexity without its protocol cannot be compared with anyone's.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from swiftsvd_cli import __version__
+from swiftsvd_cli.errors import SwiftSVDError
+from swiftsvd_cli.zeroshot import TASK_ALIASES, ZERO_SHOT_TASKS, canonical_task
+
+logger = logging.getLogger("swiftsvd")
+
+FORMAT_VERSION = 1
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Everything `swiftsvd eval` needs; `tasks` items may be comma-separated lists."""
+
+    targets: tuple[str, ...]
+    tasks: tuple[str, ...] = ("wikitext2",)
+    seqlen: int = 2048
+    limit: int | None = None  # perplexity windows per dataset (None: all)
+    batch_size: int = 1
+    dtype: str = "auto"
+    device: str | None = None  # None: cuda if available
+    trust_remote_code: bool = False
+    zeroshot_limit: int | None = None  # examples per zero-shot task (None: all)
+    task_include_path: Path | None = None  # extra lm-eval task YAMLs
+    bench: bool = False
+    bench_prompt_len: int = 128
+    bench_new_tokens: int = 32
+    bench_repeats: int = 3
+    output: Path | None = None
+    force: bool = False
+
+
+@dataclass
+class TargetReport:
+    """All numbers for one target, with where it came from."""
+
+    target: str
+    model_id: str
+    revision: str | None
+    fingerprint: str
+    dtype: str
+    compressed: dict[str, Any] | None
+    perplexity: dict[str, dict[str, Any]] = field(default_factory=dict)
+    zero_shot: dict[str, dict[str, float]] = field(default_factory=dict)
+    size: dict[str, Any] = field(default_factory=dict)
+    speed: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class EvalReport:
+    """The JSON artifact of `swiftsvd eval`: protocol once, then one entry per target in the given order."""
+
+    protocol: dict[str, Any]
+    targets: list[TargetReport]
+    zero_shot_skipped: dict[str, str]
+    created: str
+    kind: str = "swiftsvd-eval"
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def split_tasks(items: tuple[str, ...] | list[str]) -> list[str]:
+    """`("wikitext2,ptb", "piqa")` -> `["wikitext2", "ptb", "piqa"]`; blanks and repeats dropped."""
+    names = [part.strip() for item in items for part in item.split(",")]
+    return list(dict.fromkeys(n for n in names if n))
+
+
+def classify_tasks(names: list[str], include_path: Path | None = None) -> tuple[list[str], list[str]]:
+    """Split task names into perplexity texts and zero-shot tasks; an unknown name is an error listing them.
+
+    Runs before any model is loaded, so a typo costs a second, not a model load.
+    """
+    from swiftsvd_cli.data import PERPLEXITY_DATASETS
+
+    perplexity: list[str] = []
+    zero_shot: list[str] = []
+    unresolved: list[str] = []
+    for name in names:
+        if name in PERPLEXITY_DATASETS:
+            perplexity.append(name)
+        elif Path(name).suffix in TEXT_SUFFIXES:
+            if not Path(name).expanduser().is_file():
+                raise SwiftSVDError(f"text file not found: {name}")
+            perplexity.append(name)
+        elif canonical_task(name) in ZERO_SHOT_TASKS:
+            zero_shot.append(canonical_task(name))
+        else:
+            unresolved.append(name)
+    if unresolved:
+        from swiftsvd_cli.zeroshot import known_tasks
+
+        known = known_tasks(unresolved, include_path)  # None without lm-eval: only built-in names are valid
+        unknown = [n for n in unresolved if known is None or n not in known]
+        if unknown:
+            lm_eval_hint = "any lm-eval task" if known is not None else "lm-eval tasks once lm-eval is installed"
+            raise SwiftSVDError(
+                f"unknown task {', '.join(repr(n) for n in unknown)}: use perplexity data "
+                f"{', '.join(PERPLEXITY_DATASETS)} or a .txt/.jsonl file, zero-shot tasks "
+                f"{', '.join(ZERO_SHOT_TASKS + tuple(TASK_ALIASES))}, or {lm_eval_hint}"
+            )
+        zero_shot.extend(unresolved)
+    return perplexity, zero_shot
+
+
+def _check_options(options: EvalOptions) -> None:
+    if not options.targets:
+        raise SwiftSVDError("no model to evaluate: pass at least one TARGET")
+    if options.batch_size < 1 or options.seqlen < 2 or (options.limit is not None and options.limit < 1):
+        raise SwiftSVDError("need --batch-size >= 1, --seqlen >= 2 and --limit >= 1")
+    if options.output is not None and options.output.exists() and not options.force:
+        raise SwiftSVDError(f"{options.output} exists: pass --force to replace it or choose another --output")
+
+
+def _location(loaded: Any) -> Path | None:
+    """The local directory (or file) a target was loaded from, for checkpoint bytes; None for hub ids.
+
+    `name_or_path` is where from_pretrained read the weights (the converted folder for `demo`).
+    """
+    for candidate in (getattr(loaded.model, "name_or_path", ""), loaded.spec, loaded.model_id):
+        path = Path(str(candidate)).expanduser()
+        if str(candidate) and path.exists():
+            return path
+    return None
+
+
+def _release_memory() -> None:
+    """Return a freed model's memory before the next target loads (both may not fit at once).
+
+    `malloc_trim` hands glibc's freed heap back to the OS, so the next target's CPU RSS baseline is not
+    lowered by pages the previous one left behind.
+    """
+    import ctypes
+    import ctypes.util
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    libc = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(libc).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl): nothing to trim
+        pass
+
+
+def _versions() -> dict[str, str | None]:
+    import torch
+    import transformers
+
+    from swiftsvd_cli.zeroshot import lm_eval_version
+
+    return {
+        "swiftsvd": __version__,
+        "torch": str(torch.__version__),
+        "transformers": str(transformers.__version__),
+        "lm_eval": lm_eval_version(),
+        "python": platform.python_version(),
+    }
+
+
+def _evaluate_target(
+    spec: str, options: EvalOptions, device: str, texts: dict[str, Any], prepared: Any
+) -> TargetReport:
+    """Load one target, measure everything the options ask for, and free it (also on errors)."""
+    from swiftsvd_cli.models import load_model
+    from swiftsvd_cli.speed import current_rss
+
+    start, rss_baseline = time.perf_counter(), current_rss()
+    loaded = load_model(spec, dtype=options.dtype, device=device, trust_remote_code=options.trust_remote_code)
+    try:
+        report = _measure(loaded, options, texts, prepared, rss_baseline)
+    finally:
+        del loaded  # the last reference: the caller never sees the model
+        _release_memory()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _measure(loaded: Any, options: EvalOptions, texts: dict[str, Any], prepared: Any, rss: int) -> TargetReport:
+    from swiftsvd_cli.data import tokenize
+    from swiftsvd_cli.log import progress
+    from swiftsvd_cli.perplexity import perplexity
+    from swiftsvd_cli.speed import measure_size, measure_speed
+    from swiftsvd_cli.zeroshot import run_zero_shot
+
+    model, spec = loaded.model, loaded.spec
+    report = TargetReport(
+        target=spec,
+        model_id=loaded.model_id,
+        revision=loaded.revision,
+        fingerprint=loaded.fingerprint,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        compressed=loaded.compressed,
+    )
+    size = measure_size(model, _location(loaded))
+    report.size = {**asdict(size), "target_kept_ratio": size.target_kept_ratio}
+    for name, source in texts.items():
+        ids = tokenize(loaded.tokenizer, source.text)
+        total = ids.numel() // options.seqlen
+        with progress() as bar:
+            task = bar.add_task(f"{spec}: {name}", total=min(options.limit or total, total))
+            result = perplexity(
+                model,
+                ids,
+                seqlen=options.seqlen,
+                limit=options.limit,
+                batch_size=options.batch_size,
+                on_windows=functools.partial(bar.advance, task),
+            )
+        report.perplexity[name] = {"dataset_id": source.id, "text_sha256": source.sha256, **asdict(result)}
+        logger.info("%s: %s perplexity %.4f (%d windows)", spec, name, result.ppl, result.windows)
+    if prepared.runnable:
+        report.zero_shot = run_zero_shot(
+            model, loaded.tokenizer, prepared, batch_size=options.batch_size, limit=options.zeroshot_limit
+        )
+    if options.bench:
+        speed = measure_speed(
+            model,
+            prompt_len=options.bench_prompt_len,
+            new_tokens=options.bench_new_tokens,
+            repeats=options.bench_repeats,
+            rss_baseline=rss,
+        )
+        report.speed = asdict(speed)
+    return report
+
+
+def evaluate(options: EvalOptions) -> EvalReport:
+    """Evaluate every target on every task (and benchmark it if asked); write the JSON report if asked."""
+    from swiftsvd_cli.artifacts import atomic_write_json, utc_now
+    from swiftsvd_cli.data import eval_text
+    from swiftsvd_cli.models import default_device
+    from swiftsvd_cli.zeroshot import prepare_tasks
+
+    _check_options(options)
+    ppl_names, zs_names = classify_tasks(split_tasks(options.tasks), options.task_include_path)
+    device = options.device or default_device()
+    texts = {name: eval_text(name) for name in ppl_names}  # offline hub datasets fail here, before any model
+    prepared = prepare_tasks(zs_names, options.task_include_path)
+
+    targets = [_evaluate_target(spec, options, device, texts, prepared) for spec in options.targets]
+    protocol: dict[str, Any] = {
+        "perplexity": {
+            "datasets": {name: {"id": s.id, "sha256": s.sha256} for name, s in texts.items()},
+            "seqlen": options.seqlen,
+            "limit": options.limit,
+            "windows": "non-overlapping, ragged tail dropped, seqlen-1 predictions each",
+            "tokenization": "tokenizer(whole text, return_tensors='pt'): its own special tokens, once",
+            "ppl": "exp(mean NLL over all predicted tokens), NLL summed in float64",
+        },
+        "zero_shot": {"tasks": zs_names, "num_fewshot": 0, "limit": options.zeroshot_limit},
+        "bench": {
+            **{key: getattr(options, f"bench_{key}") for key in ("prompt_len", "new_tokens", "repeats")},
+            "batch_size": 1,
+            "decoding": "greedy, min_new_tokens = new_tokens",
+        }
+        if options.bench
+        else None,
+        "batch_size": options.batch_size,
+        "dtype": options.dtype,
+        "device": device,
+        "versions": _versions(),
+    }
+    report = EvalReport(protocol=protocol, targets=targets, zero_shot_skipped=prepared.skipped, created=utc_now())
+    _warn_incomparable(report)
+    if options.output is not None:
+        atomic_write_json(options.output, report.to_dict())
+        logger.info("Wrote %s", options.output)
+    return report
+
+
+def _warn_incomparable(report: EvalReport) -> None:
+    """Different tokenizers give different token counts: their perplexities are not comparable."""
+    if not report.targets:
+        return
+    first = report.targets[0]
+    for other in report.targets[1:]:
+        for name, result in other.perplexity.items():
+            base = first.perplexity.get(name)
+            if base is not None and base["text_tokens"] != result["text_tokens"]:
+                logger.warning(
+                    f"{first.target} and {other.target} tokenize {name} differently ({base['text_tokens']} "
+                    f"vs {result['text_tokens']} tokens): their perplexities are not comparable"
+                )
+
+
+def _human(value: float, unit: str = "") -> str:
+    """1234567 -> '1.23M' (params), with `unit` 'B' -> '1.18 MiB' (bytes)."""
+    if unit == "B":
+        for prefix in ("B", "KiB", "MiB", "GiB"):
+            if abs(value) < 1024 or prefix == "GiB":
+                return f"{value:.0f} B" if prefix == "B" else f"{value:.2f} {prefix}"
+            value /= 1024
+    for factor, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f}{suffix}"
+    return f"{value:.0f}"
+
+
+_bytes = functools.partial(_human, unit="B")
+
+
+def _rows(report: EvalReport) -> list[tuple[str, list[float | None], Any]]:
+    """(label, one value per target, formatter) for every row the table shows."""
+    targets = report.targets
+    rows: list[tuple[str, list[float | None], Any]] = []
+
+    def add(label: str, values: list[Any], fmt: Any) -> None:
+        if any(v is not None for v in values):
+            rows.append((label, [None if v is None else float(v) for v in values], fmt))
+
+    add("target linears kept", [t.size.get("target_kept_ratio") for t in targets], "{:.3f}".format)
+    names = list(dict.fromkeys(n for t in targets for n in t.perplexity))
+    for name in names:
+        add(f"ppl {Path(name).name}", [t.perplexity.get(name, {}).get("ppl") for t in targets], "{:.3f}".format)
+    tasks = list(dict.fromkeys(n for t in targets for n in t.zero_shot))
+    for task in tasks:
+        for metric in ("acc", "acc_norm"):
+            add(
+                f"{task} {metric} %",
+                [_scaled(t.zero_shot.get(task, {}).get(metric)) for t in targets],
+                "{:.2f}".format,
+            )
+    add("params", [t.size.get("params_total") for t in targets], _human)
+    add("params in target linears", [t.size.get("params_target_linear") for t in targets], _human)
+    add("weights in memory", [t.size.get("weights_bytes") for t in targets], _bytes)
+    add("checkpoint", [t.size.get("checkpoint_bytes") for t in targets], _bytes)
+    for key, label, fmt in (
+        ("prefill_tokens_per_s", "prefill tok/s", "{:.1f}".format),
+        ("decode_tokens_per_s", "decode tok/s", "{:.1f}".format),
+        ("peak_memory_bytes", _peak_label(targets), _bytes),
+    ):
+        add(label, [(t.speed or {}).get(key) for t in targets], fmt)
+    return rows
+
+
+def _peak_label(targets: list[TargetReport]) -> str:
+    kinds = {(t.speed or {}).get("peak_memory_kind") for t in targets} - {None}
+    return "peak memory (cuda)" if kinds == {"cuda_max_allocated"} else "peak RSS Δ (cpu, approx.)"
+
+
+def _scaled(value: float | None) -> float | None:
+    return None if value is None else 100.0 * value
+
+
+def render_table(report: EvalReport) -> Any:  # rich.table.Table (rich is imported lazily like torch)
+    """One column per target; every later column shows its change relative to the first target."""
+    from rich.table import Table
+
+    table = Table(title="swiftsvd eval", caption=_caption(report))
+    table.add_column("metric")
+    for target in report.targets:
+        table.add_column(Path(target.target).name or target.target, justify="right")
+    for label, values, fmt in _rows(report):
+        base = values[0]
+        cells = []
+        for index, value in enumerate(values):
+            if value is None:
+                cells.append("—")
+            elif index == 0 or base is None or base == 0:
+                cells.append(fmt(value))
+            else:
+                cells.append(f"{fmt(value)} ({(value / base - 1) * 100:+.0f}%)")
+        table.add_row(label, *cells)
+    return table
+
+
+def _caption(report: EvalReport) -> str:
+    ppl = report.protocol["perplexity"]
+    parts = [f"seqlen {ppl['seqlen']}", f"device {report.protocol['device']}"]
+    if report.zero_shot_skipped:
+        parts.append("skipped: " + ", ".join(sorted(report.zero_shot_skipped)))
+    return "; ".join(parts)
