@@ -1,0 +1,64 @@
+"""The command line as a user meets it: help, version, env, and the one-shot compress reusing its cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from swiftsvd_cli import __version__
+from swiftsvd_cli.artifacts import CalibrationManifest
+from swiftsvd_cli.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_every_stage() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("calibrate", "allocate", "compress", "eval", "env"):
+        assert command in result.output
+    assert "KEPT" in runner.invoke(app, ["allocate", "-h"]).output  # the ratio convention is spelled out
+
+
+def test_version_and_env() -> None:
+    assert runner.invoke(app, ["--version"]).output.strip() == f"swiftsvd {__version__}"
+    result = runner.invoke(app, ["env"])
+    assert result.exit_code == 0 and "torch" in result.output and "transformers" in result.output
+
+
+def test_one_shot_reuses_calibration_across_ratios(
+    trained_llama_dir: Path, tiny_text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SWIFTSVD_CACHE", str(tmp_path / "cache"))
+    common = [
+        "--data",
+        str(tiny_text_file),
+        "--samples",
+        "8",
+        "--seqlen",
+        "64",
+        "--strategy",
+        "uniform",
+        "--device",
+        "cpu",
+    ]
+    first = runner.invoke(
+        app, ["compress", str(trained_llama_dir), "--ratio", "0.7", "--out", str(tmp_path / "a"), *common]
+    )
+    assert first.exit_code == 0, first.output
+    works = list((tmp_path / "cache" / "work").iterdir())
+    assert len(works) == 1
+    manifest_before = (works[0] / "manifest.json").read_text()
+    second = runner.invoke(
+        app, ["compress", str(trained_llama_dir), "--ratio", "0.5", "--out", str(tmp_path / "b"), *common]
+    )
+    assert second.exit_code == 0, second.output
+    manifest = CalibrationManifest.load(works[0])
+    assert (works[0] / "manifest.json").read_text() == manifest_before  # nothing recalibrated or recomputed
+    assert sorted(p.name for p in (works[0] / "plans").iterdir()) == [
+        "ratio-0.50-uniform.json",
+        "ratio-0.70-uniform.json",
+    ]
+    assert manifest.complete and (tmp_path / "a" / "config.json").exists() and (tmp_path / "b" / "config.json").exists()
