@@ -379,7 +379,8 @@ def eval_(
     force: ForceOpt = False,
 ) -> None:
     """Perplexity (SVD-LLM protocol), zero-shot accuracy (lm-eval), size and speed: one column per TARGET."""
-    from swiftsvd_cli.evaluate import EvalOptions, evaluate, render_table
+    from swiftsvd_cli.eval_table import render_table
+    from swiftsvd_cli.evaluate import EvalOptions, evaluate
 
     options = EvalOptions(
         targets=tuple(targets),

@@ -10,7 +10,8 @@ from rich.console import Console
 
 from swiftsvd_cli import evaluate as stage
 from swiftsvd_cli.errors import SwiftSVDError
-from swiftsvd_cli.evaluate import EvalOptions, evaluate, render_table, split_tasks
+from swiftsvd_cli.eval_table import render_table
+from swiftsvd_cli.evaluate import EvalOptions, evaluate, split_tasks
 
 
 def test_split_tasks() -> None:

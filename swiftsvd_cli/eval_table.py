@@ -1,0 +1,98 @@
+"""The side-by-side table of an eval report: one column per target, relative change against the first."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from swiftsvd_cli.evaluate import EvalReport, TargetReport
+
+
+def _human(value: float, unit: str = "") -> str:
+    """1234567 -> '1.23M' (params), with `unit` 'B' -> '1.18 MiB' (bytes)."""
+    if unit == "B":
+        for prefix in ("B", "KiB", "MiB", "GiB"):
+            if abs(value) < 1024 or prefix == "GiB":
+                return f"{value:.0f} B" if prefix == "B" else f"{value:.2f} {prefix}"
+            value /= 1024
+    for factor, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f}{suffix}"
+    return f"{value:.0f}"
+
+
+_bytes = functools.partial(_human, unit="B")
+
+
+def _rows(report: EvalReport) -> list[tuple[str, list[float | None], Any]]:
+    """(label, one value per target, formatter) for every row the table shows."""
+    targets = report.targets
+    rows: list[tuple[str, list[float | None], Any]] = []
+
+    def add(label: str, values: list[Any], fmt: Any) -> None:
+        if any(v is not None for v in values):
+            rows.append((label, [None if v is None else float(v) for v in values], fmt))
+
+    add("target linears kept", [t.size.get("target_kept_ratio") for t in targets], "{:.3f}".format)
+    names = list(dict.fromkeys(n for t in targets for n in t.perplexity))
+    for name in names:
+        add(f"ppl {Path(name).name}", [t.perplexity.get(name, {}).get("ppl") for t in targets], "{:.3f}".format)
+    tasks = list(dict.fromkeys(n for t in targets for n in t.zero_shot))
+    for task in tasks:
+        for metric in ("acc", "acc_norm"):
+            add(
+                f"{task} {metric} %",
+                [_scaled(t.zero_shot.get(task, {}).get(metric)) for t in targets],
+                "{:.2f}".format,
+            )
+    add("params", [t.size.get("params_total") for t in targets], _human)
+    add("params in target linears", [t.size.get("params_target_linear") for t in targets], _human)
+    add("weights in memory", [t.size.get("weights_bytes") for t in targets], _bytes)
+    add("checkpoint", [t.size.get("checkpoint_bytes") for t in targets], _bytes)
+    for key, label, fmt in (
+        ("prefill_tokens_per_s", "prefill tok/s", "{:.1f}".format),
+        ("decode_tokens_per_s", "decode tok/s", "{:.1f}".format),
+        ("peak_memory_bytes", _peak_label(targets), _bytes),
+    ):
+        add(label, [(t.speed or {}).get(key) for t in targets], fmt)
+    return rows
+
+
+def _peak_label(targets: list[TargetReport]) -> str:
+    kinds = {(t.speed or {}).get("peak_memory_kind") for t in targets} - {None}
+    return "peak memory (cuda)" if kinds == {"cuda_max_allocated"} else "peak RSS Δ (cpu, approx.)"
+
+
+def _scaled(value: float | None) -> float | None:
+    return None if value is None else 100.0 * value
+
+
+def render_table(report: EvalReport) -> Any:  # rich.table.Table (rich is imported lazily like torch)
+    """One column per target; every later column shows its change relative to the first target."""
+    from rich.table import Table
+
+    table = Table(title="swiftsvd eval", caption=_caption(report))
+    table.add_column("metric")
+    for target in report.targets:
+        table.add_column(Path(target.target).name or target.target, justify="right")
+    for label, values, fmt in _rows(report):
+        base = values[0]
+        cells = []
+        for index, value in enumerate(values):
+            if value is None:
+                cells.append("—")
+            elif index == 0 or base is None or base == 0:
+                cells.append(fmt(value))
+            else:
+                cells.append(f"{fmt(value)} ({(value / base - 1) * 100:+.0f}%)")
+        table.add_row(label, *cells)
+    return table
+
+
+def _caption(report: EvalReport) -> str:
+    ppl = report.protocol["perplexity"]
+    parts = [f"seqlen {ppl['seqlen']}", f"device {report.protocol['device']}"]
+    if report.zero_shot_skipped:
+        parts.append("skipped: " + ", ".join(sorted(report.zero_shot_skipped)))
+    return "; ".join(parts)
