@@ -136,30 +136,6 @@ def calibrate(
     console.print(table)
 
 
-@app.command()
-@user_errors
-def env() -> None:
-    """Versions and devices: paste this into a bug report."""
-    import platform
-
-    import accelerate
-    import torch
-    import transformers
-
-    table = Table(title="swiftsvd environment", show_header=False)
-    table.add_row("swiftsvd", __version__)
-    table.add_row("python", sys.version.split()[0])
-    table.add_row("platform", platform.platform())
-    for module in (torch, transformers, accelerate):
-        table.add_row(module.__name__, module.__version__)
-    table.add_row("cuda", str(torch.version.cuda) if torch.cuda.is_available() else "not available")
-    for index in range(torch.cuda.device_count()):
-        properties = torch.cuda.get_device_properties(index)
-        table.add_row(f"cuda:{index}", f"{properties.name}, {_size(properties.total_memory)}")
-    table.add_row("cpu threads", str(torch.get_num_threads()))
-    console.print(table)
-
-
 RatioOpt = Annotated[
     float,
     typer.Option(
@@ -401,3 +377,27 @@ def eval_(
         force=force,
     )
     console.print(render_table(evaluate(options)))
+
+
+@app.command()
+@user_errors
+def env() -> None:
+    """Versions and devices: paste this into a bug report."""
+    import platform
+
+    import accelerate
+    import torch
+    import transformers
+
+    table = Table(title="swiftsvd environment", show_header=False)
+    table.add_row("swiftsvd", __version__)
+    table.add_row("python", sys.version.split()[0])
+    table.add_row("platform", platform.platform())
+    for module in (torch, transformers, accelerate):
+        table.add_row(module.__name__, module.__version__)
+    table.add_row("cuda", str(torch.version.cuda) if torch.cuda.is_available() else "not available")
+    for index in range(torch.cuda.device_count()):
+        properties = torch.cuda.get_device_properties(index)
+        table.add_row(f"cuda:{index}", f"{properties.name}, {_size(properties.total_memory)}")
+    table.add_row("cpu threads", str(torch.get_num_threads()))
+    console.print(table)
