@@ -256,7 +256,7 @@ def search_alpha(
         for alpha in ALPHA_GRID:
             ranks = plan_for(alpha)
             with reconstructed(loaded.model, spec, ranks, factors):
-                result = perplexity(loaded.model, ids, seqlen=seqlen, limit=options.val_samples)
+                result = perplexity(loaded.model, ids, seqlen=seqlen, limit=options.val_samples, batch_size=4)
             ratio = achieved_ratio((*shapes[module], k) for (_, module), k in ranks.items())
             candidates.append({"alpha": alpha, "val_ppl": result.ppl, "achieved_ratio": ratio})
             bar.advance(task)
