@@ -117,9 +117,9 @@ def test_predicted_loss_matches_measured(work: Path, trained_llama_dir: Path, tm
             "down": "mlp_out",
         }[module.kind.split("_")[0]]
         path = f"model.layers.{module.layer}.{module.module}"
-        W = original.get_submodule(path).weight.double()
+        W = original.get_submodule(path).weight.detach().double()
         low = compressed.get_submodule(path)
-        W_k = low.A.weight.double() @ low.B.weight.double()
+        W_k = low.A.weight.detach().double() @ low.B.weight.detach().double()
         E = W - W_k
         measured = float(torch.trace(E @ grams[f"{group}.gram"] @ E.T))
         assert measured == pytest.approx(module.predicted_loss, rel=1e-4, abs=1e-6), path
