@@ -381,6 +381,33 @@ def eval_(
 
 @app.command()
 @user_errors
+def report(
+    work: Annotated[Path, typer.Argument(help="WORK directory written by `swiftsvd calibrate`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the plots and summary.md.")],
+    plan: Annotated[Path | None, typer.Option(help="Also plot this rank plan's ranks per layer.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model, if WORK has no eigenbases yet and it moved.")] = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Spectra, NER vs layer importance and rank plots plus a markdown summary: where is the model compressible?"""
+    from swiftsvd_cli.report import ReportOptions, run_report
+
+    result = run_report(ReportOptions(work=work, out=out, plan=plan, model=model, device=device))
+    table = Table(title=f"compressibility report -> {result.summary}")
+    for column in ("matrix", "shape", "mean NER", "NER vs importance r"):
+        table.add_column(column)
+    for summary in result.types:
+        table.add_row(
+            summary.kind,
+            f"{summary.shape[0]}x{summary.shape[1]}",
+            f"{summary.mean_ner:.3f}",
+            f"{summary.ner_importance_r:+.2f}",
+        )
+    console.print(table)
+    console.print(f"{len(result.figures)} figures in {out}", highlight=False)
+
+
+@app.command()
+@user_errors
 def env() -> None:
     """Versions and devices: paste this into a bug report."""
     import platform

@@ -2,7 +2,7 @@
 
 The metric, so that numbers line up with the peers' tables:
 
-1. The whole test text is tokenised once with `tokenizer(text, return_tensors="pt")`, exactly as the
+1. The whole test text is tokenised once by `swiftsvd_cli.data.tokenize` (`tokenizer(text, return_tensors="pt")`), as the
    field's scripts do (SVD-LLM `get_test_data`, the Swift-SVD shell pipeline). For Llama-style tokenizers
    this prepends one BOS token to the *whole text*, not one per window; no other special tokens are added.
 2. The ids are cut into non-overlapping windows of `seqlen` tokens; the ragged tail is dropped.
@@ -41,16 +41,6 @@ class PerplexityResult:
     windows_total: int  # windows the text holds (before `limit`)
     text_tokens: int  # tokens of the whole text, after tokenisation
     seqlen: int
-
-
-def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
-    """The protocol's tokenisation: the whole text at once, as the peers do. Returns 1-D int64 ids."""
-    import torch
-
-    # `verbose=False` silences the "sequence longer than model max length" warning: we window it ourselves.
-    encoded = tokenizer(text, return_tensors="pt", verbose=False)
-    ids: torch.Tensor = encoded["input_ids"][0]
-    return ids.to(torch.long)
 
 
 def max_positions(model: Any) -> int | None:

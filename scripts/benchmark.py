@@ -1,0 +1,526 @@
+"""Benchmark: Swift-SVD against plain SVD, ASVD and SVD-LLM whitening, from one calibration, in one process.
+
+    python scripts/benchmark.py                      # demo model + demo text, writes benchmarks/results/
+    python scripts/benchmark.py --quick --model DIR --data corpus.txt --out /tmp/bench   # CI smoke run
+    python scripts/benchmark.py --model HUB_ID --data wikitext2 --samples 256 --seqlen 2048 --full
+
+Measures, on the same WORK and in the same process so the times are comparable:
+accuracy (perplexity per method x ratio x strategy, and the original), time (calibration, its physical floor
+= one plain forward pass over the calibration tokens, factorisation per method for the first and each further
+ratio), and numerical stability (the paper's Table 5, FP32). Writes benchmark.json (results + protocol +
+machine), README.md (tables) and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from swiftsvd_cli import __version__, report
+from swiftsvd_cli.allocate import AllocateOptions, FactorSource, load_matching_model, reconstructed, run_allocate
+from swiftsvd_cli.architectures import ArchSpec, arch_for, decoder_layers, target_linears
+from swiftsvd_cli.artifacts import CalibrationManifest, atomic_write_json, atomic_write_text, read_shard
+from swiftsvd_cli.baselines import asvd_factors, svd_factors, svd_llm_factors
+from swiftsvd_cli.calibrate import CalibrateOptions, run_calibrate
+from swiftsvd_cli.data import calibration_windows, load_text, tokenize
+from swiftsvd_cli.eigen import ensure_eigenbases, read_eigenvalues
+from swiftsvd_cli.errors import SwiftSVDError
+from swiftsvd_cli.linalg import factorize, group_eigenbases, uniform_rank
+from swiftsvd_cli.log import setup_logging
+from swiftsvd_cli.methods import METHODS
+from swiftsvd_cli.perplexity import perplexity
+from swiftsvd_cli.plan import RankPlan
+from swiftsvd_cli.stability import PAPER_TABLE5, stability_table
+
+console = Console()
+ROOT = Path(__file__).resolve().parents[1]
+RATIOS = (0.8, 0.6, 0.4)
+STRATEGIES = ("uniform", "dynamic")
+RELEASED = "svd-llm-released"  # SVD-LLM as its code runs: Cholesky + inverse in float64, SVD in float32
+RankMap = dict[tuple[int, str], int]
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo", help="model spec (demo, hub id, local dir)")
+    parser.add_argument("--data", default="demo", help="calibration + evaluation text (demo, wikitext2, PATH)")
+    parser.add_argument("--samples", type=int, help="calibration windows (default 64; quick 8)")
+    parser.add_argument("--seqlen", type=int, help="calibration tokens per window (default 512; quick 32)")
+    parser.add_argument("--eval-windows", type=int, help="perplexity windows (default 16; quick 4)")
+    parser.add_argument("--eval-seqlen", type=int, help="perplexity window length (default: --seqlen)")
+    parser.add_argument("--ratios", default=",".join(map(str, RATIOS)), help="kept ratios, comma separated")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--work", type=Path, help="WORK directory, recalibrated and kept (default: a temp dir, removed)"
+    )
+    parser.add_argument("--quick", action="store_true", help="CI-sized run: tiny stability sizes, few windows")
+    parser.add_argument("--full", action="store_true", help="add the 4096x4096 stability row")
+    parser.add_argument("--no-wikitext2", action="store_true", help="skip WikiText-2 even when reachable")
+    args = parser.parse_args(argv)
+    args.samples = args.samples or (8 if args.quick else 64)
+    args.seqlen = args.seqlen or (32 if args.quick else 512)
+    args.eval_windows = args.eval_windows or (4 if args.quick else 16)
+    args.eval_seqlen = args.eval_seqlen or args.seqlen
+    args.ratios = tuple(float(r) for r in args.ratios.split(","))
+    args.keep_work = args.work is not None
+    args.work = args.work or Path(tempfile.mkdtemp(prefix="swiftsvd-bench-")) / "work"
+    return args
+
+
+def machine_info() -> dict[str, Any]:
+    """What the times depend on: CPU, cores, threads, memory, software versions."""
+    import transformers
+
+    cpu = platform.processor()
+    meminfo = Path("/proc/meminfo")
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        cpu = names[0] if names else cpu
+    memory = meminfo.read_text().splitlines()[0].split(":", 1)[1].strip() if meminfo.is_file() else None
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory": memory,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "swiftsvd": __version__,
+        "git_commit": _git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A TCP connect to the Hub, so an offline machine skips WikiText-2 at once instead of retrying."""
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def calibrate(args: argparse.Namespace) -> tuple[CalibrationManifest, float]:
+    """A fresh calibration (forward passes + Gram accumulation), timed."""
+    if args.work.exists():
+        shutil.rmtree(args.work)
+    options = CalibrateOptions(
+        model=args.model,
+        work=args.work,
+        data=args.data,
+        samples=args.samples,
+        seqlen=args.seqlen,
+        device="cpu",
+        dtype="float32",
+    )
+    start = time.perf_counter()
+    result = run_calibrate(options)
+    return result.manifest, time.perf_counter() - start
+
+
+@torch.no_grad()
+def forward_floor(model: Any, tokenizer: Any, args: argparse.Namespace, batch_size: int = 4) -> dict[str, float]:
+    """Plain forward passes over exactly the calibration windows: the least any calibration can cost.
+
+    `decoder_s` runs embeddings + decoder layers (`model.base_model`), which is all calibration needs;
+    `full_model_s` adds the LM head, whose vocabulary-sized logits dominate small models' forward time.
+    """
+    ids = tokenize(tokenizer, load_text(args.data, "train").text)
+    windows = calibration_windows(ids, args.samples, args.seqlen, seed=3)
+    seconds: dict[str, float] = {}
+    for name, module in (("decoder_s", model.base_model), ("full_model_s", model)):
+        start = time.perf_counter()
+        for batch in torch.split(windows, batch_size):
+            module(input_ids=batch, use_cache=False)
+        seconds[name] = time.perf_counter() - start
+    return seconds
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start
+
+
+def warm_up() -> None:
+    """Load LAPACK kernels before the clock runs, so no method is charged for their first-call set-up."""
+    A = torch.randn(64, 64, dtype=torch.float64)
+    G = A @ A.T + torch.eye(64, dtype=torch.float64)
+    torch.linalg.eigh(G), torch.linalg.svd(A), torch.linalg.inv(torch.linalg.cholesky(G)), torch.linalg.qr(A)
+
+
+def factorisation_times(
+    model: torch.nn.Module, spec: ArchSpec, work: Path, manifest: CalibrationManifest, ratios: tuple[float, ...]
+) -> dict[str, Any]:
+    """Per method, seconds for each ratio at uniform ranks, all in float64 from the same in-memory Grams.
+
+    Swift-SVD: eigendecompositions once (charged to the first ratio), then U_k U_kᵀ W per ratio.
+    SVD-LLM: Cholesky + inverse + SVD per matrix, repeated for every ratio as its code does; SVD, ASVD: SVD per ratio.
+    """
+    layers = decoder_layers(model, spec)
+    stats = [read_shard(work, manifest.layers[i].shard) for i in range(len(layers))]
+    weights = [
+        {name: lin.weight.detach().double() for name, lin in target_linears(layer, spec).items()} for layer in layers
+    ]
+
+    def eigendecompose() -> list[dict[str, torch.Tensor]]:
+        out: list[dict[str, torch.Tensor]] = []
+        for W_layer, grams in zip(weights, stats, strict=True):
+            bases: dict[str, torch.Tensor] = {}
+            for group, names in spec.groups.items():
+                found = group_eigenbases({n: W_layer[n] for n in names}, grams[f"{group}.gram"])
+                bases |= {name: basis.vectors for name, basis in found.items()}
+            out.append(bases)
+        return out
+
+    warm_up()
+    bases, eigen_seconds = _timed(eigendecompose)
+    shifted = 0
+
+    def run(method: str, ratio: float) -> None:
+        nonlocal shifted
+        for W_layer, grams, U_layer in zip(weights, stats, bases, strict=True):
+            tokens = float(grams["tokens"])
+            for name, W in W_layer.items():
+                k = uniform_rank(*W.shape, ratio)
+                group = spec.group_of(name)
+                if method == "swift":
+                    factorize(W, U_layer[name], k)
+                elif method == "svd":
+                    svd_factors(W, k)
+                elif method == "asvd":
+                    asvd_factors(W, grams[f"{group}.abs_sum"] / tokens, k)
+                else:
+                    shifted += svd_llm_factors(W, grams[f"{group}.gram"], k).shifted
+
+    result: dict[str, Any] = {"precision": "float64", "ranks": "uniform", "eigendecomposition_s": eigen_seconds}
+    for method in METHODS:
+        per_ratio = [_timed(lambda m=method, r=ratio: run(m, r))[1] for ratio in ratios]  # type: ignore[misc]
+        if method == "swift":
+            per_ratio[0] += eigen_seconds
+        result[method] = {
+            "per_ratio_s": per_ratio,
+            "total_s": sum(per_ratio),
+            "first_ratio_s": per_ratio[0],
+            "next_ratio_s": per_ratio[1:],
+            "first_over_next": per_ratio[0] / max(1e-9, sum(per_ratio[1:]) / max(1, len(per_ratio) - 1)),
+        }
+    result["svd_llm_shifted_matrices"] = shifted
+    result["swift_speedup_total"] = result["svd-llm"]["total_s"] / result["swift"]["total_s"]
+    result["swift_speedup_first_ratio"] = result["svd-llm"]["first_ratio_s"] / result["swift"]["first_ratio_s"]
+    return result
+
+
+def plan_ranks(plan: RankPlan) -> RankMap:
+    return {(p.layer, p.module): p.rank for p in plan.modules}
+
+
+def released_svd_llm(work: Path, manifest: CalibrationManifest, spec: ArchSpec) -> Callable[..., Factors]:
+    """SVD-LLM with the precisions its released code uses (Cholesky/inverse float64, SVD float32)."""
+
+    def factors(index: int, linears: dict[str, torch.nn.Linear], ranks: dict[str, int]) -> Factors:
+        grams = read_shard(work, manifest.layers[index].shard)
+        out: Factors = {}
+        for name, k in ranks.items():
+            result = svd_llm_factors(
+                linears[name].weight.detach().double(),
+                grams[f"{spec.group_of(name)}.gram"],
+                k,
+                precision=torch.float32,
+                cholesky_precision=torch.float64,
+            )
+            out[name] = (result.A, result.B)
+        return out
+
+    return factors
+
+
+def evaluate(
+    loaded: Any,
+    spec: ArchSpec,
+    args: argparse.Namespace,
+    manifest: CalibrationManifest,
+    plans: dict[tuple[float, str], RankPlan],
+    texts: dict[str, torch.Tensor],
+) -> list[dict[str, Any]]:
+    """Perplexity of the original and of every (method, ratio, strategy), by dense reconstruction A B."""
+
+    def ppl(ids: torch.Tensor) -> float:
+        return perplexity(loaded.model, ids, seqlen=args.eval_seqlen, limit=args.eval_windows).ppl
+
+    rows = [
+        {"method": "original", "ratio": 1.0, "strategy": None, **{f"ppl_{t}": ppl(ids) for t, ids in texts.items()}}
+    ]
+    sources: dict[str, Callable[..., Factors]] = {m: FactorSource(m, args.work, manifest, spec, "cpu") for m in METHODS}
+    sources[RELEASED] = released_svd_llm(args.work, manifest, spec)
+    for (ratio, strategy), plan in plans.items():
+        for method, source in sources.items():
+            if method == RELEASED and strategy != "uniform":
+                continue
+            start = time.perf_counter()
+            with reconstructed(loaded.model, spec, plan_ranks(plan), source):
+                values = {f"ppl_{t}": ppl(ids) for t, ids in texts.items()}
+            rows.append(
+                {
+                    "method": method,
+                    "ratio": ratio,
+                    "strategy": strategy,
+                    "achieved_ratio": plan.achieved_ratio,
+                    "alpha": plan.alpha,
+                    **values,
+                    "seconds": time.perf_counter() - start,
+                }
+            )
+            console.print(
+                f"  {method:>16} rho={ratio} {strategy:>7}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+            )
+    return rows
+
+
+def acceptance(rows: list[dict[str, Any]], times: dict[str, Any], stability: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's acceptance criteria, evaluated on this run (recorded, never asserted: CI runs are tiny)."""
+
+    def ppl(method: str, ratio: float, strategy: str) -> float:
+        return next(
+            r["ppl_eval"] for r in rows if (r["method"], r["ratio"], r["strategy"]) == (method, ratio, strategy)
+        )
+
+    keys = {(r["ratio"], r["strategy"]) for r in rows if r["strategy"] is not None}
+    vs_svd_llm = {
+        f"{ratio}/{strategy}": ppl("swift", ratio, strategy) <= 1.005 * ppl("svd-llm", ratio, strategy)
+        for ratio, strategy in sorted(keys)
+    }
+    vs_plain = {
+        f"{ratio}/{strategy}": ppl("swift", ratio, strategy)
+        < min(ppl("svd", ratio, strategy), ppl("asvd", ratio, strategy))
+        for ratio, strategy in sorted(keys)
+    }
+    nexts = times["swift"]["next_ratio_s"]
+    return {
+        "swift_ppl_within_0.5pct_of_svd_llm_or_better": vs_svd_llm,
+        "swift_below_svd_and_asvd": vs_plain,
+        "swift_factorisation_at_least_2x_faster": times["swift_speedup_total"] >= 2.0,
+        "swift_next_ratios_at_least_10x_cheaper": bool(nexts) and times["swift"]["first_over_next"] >= 10.0,
+        "stability_swift_at_minimum_fp32": all(abs(s["swift_relative"]) < 1e-5 for s in stability),
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """README tables: perplexity, time, stability."""
+    rows, times, protocol = result["perplexity"], result["timing"], result["protocol"]
+    texts = [k[4:] for k in rows[0] if k.startswith("ppl_")]
+    lines = [
+        f"# Benchmark: {protocol['model']} ({result['machine']['date'][:10]})",
+        "",
+        f"Calibration {protocol['calibration']['samples']} x {protocol['calibration']['seqlen']} tokens of "
+        f"`{protocol['calibration']['data']}`; perplexity on {protocol['eval']['windows']} x "
+        f"{protocol['eval']['seqlen']}-token windows of the held-out text ({', '.join(texts)}), "
+        f"fp32 dense reconstruction. Reproduce: `{protocol['command']}`.",
+        "",
+        "## Perplexity (eval text)",
+        "",
+        "| method | strategy | " + " | ".join(f"ρ={r}" for r in protocol["ratios"]) + " |",
+        "|---|---|" + "---|" * len(protocol["ratios"]),
+    ]
+    original = rows[0]["ppl_eval"]
+    lines.append("| original | | " + " | ".join(f"{original:.2f}" for _ in protocol["ratios"]) + " |")
+    labels = list(dict.fromkeys((r["method"], r["strategy"]) for r in rows[1:]))
+    for method, strategy in labels:
+        values = {r["ratio"]: r["ppl_eval"] for r in rows[1:] if (r["method"], r["strategy"]) == (method, strategy)}
+        lines.append(f"| {method} | {strategy} | " + " | ".join(f"{values[r]:.4g}" for r in protocol["ratios"]) + " |")
+    lines += [
+        "",
+        "## Time (seconds, same process, same cache)",
+        "",
+        f"Calibration {times['calibration_s']:.1f} s = {times['calibration_over_floor']:.1f} x one plain "
+        f"forward pass of the decoder over the calibration tokens ({times['forward_floor_s']:.1f} s; "
+        f"{times['full_forward_s']:.1f} s with the LM head).",
+        "",
+        "| method | 1st ratio | 2nd ratio | 3rd ratio | total | 1st / later |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method in METHODS:
+        t = times["factorisation"][method]
+        cells = " | ".join(f"{s:.2f}" for s in t["per_ratio_s"])
+        lines.append(f"| {method} | {cells} | {t['total_s']:.2f} | {t['first_over_next']:.1f}x |")
+    lines += [
+        "",
+        f"Swift-SVD's eigendecompositions: {times['factorisation']['eigendecomposition_s']:.2f} s (in its "
+        f"1st ratio); factorisation speed-up over SVD-LLM: {times['factorisation']['swift_speedup_total']:.1f}x"
+        " over all ratios.",
+        "",
+        "## Stability (paper Table 5, FP32, ρ = 0.6): loss above the exact minimum",
+        "",
+        "| setting | size | minimum | Swift-SVD | SVD-LLM (FP32) | shifted | SVD-LLM (released precisions) | "
+        "paper minimum | paper SVD-LLM |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in result["stability"]:
+        paper = PAPER_TABLE5.get(s["size"]) if s["setting"] == "gaussian" else None
+        lines.append(
+            f"| {s['setting']} | {s['size']}² | {s['minimum']:.6g} | {s['swift_gap']:+.2e} | "
+            f"{s['svd_llm_gap']:+.2e} | {'yes' if s['svd_llm_shifted'] else 'no'} | "
+            f"{s['svd_llm_mixed_gap']:+.2e} | {paper[0] if paper else ''} | "
+            f"{f'+{paper[1]}' if paper else ''} |"
+        )
+    lines += [
+        "",
+        "## Acceptance (this run)",
+        "",
+        "```",
+        json.dumps(result["acceptance"], indent=2),
+        "```",
+        "",
+        "## Figures",
+        "",
+    ] + [f"![{name}]({name})" for name in result["figures"]]
+    return "\n".join(lines) + "\n"
+
+
+def plots(result: dict[str, Any], spectra: Any, importance: list[float], plan: RankPlan | None, out: Path) -> list[str]:
+    curves: dict[str, dict[float, float]] = {}
+    for row in result["perplexity"][1:]:
+        curves.setdefault(f"{row['method']} {row['strategy']}", {})[row["ratio"]] = row["ppl_eval"]
+    timing = result["timing"]
+    stages: dict[str, dict[str, float]] = {}
+    for method in METHODS:
+        per_ratio = list(timing["factorisation"][method]["per_ratio_s"])
+        stages[method] = {}
+        if method == "swift":
+            eigen = timing["factorisation"]["eigendecomposition_s"]
+            stages[method]["eigendecompositions"] = eigen
+            per_ratio[0] -= eigen
+        stages[method] |= {f"ratio {r}": s for r, s in zip(result["protocol"]["ratios"], per_ratio, strict=True)}
+    reference = {
+        "forward (decoder)": timing["forward_floor_s"],
+        "forward (+ LM head)": timing["full_forward_s"],
+        "calibration": timing["calibration_s"],
+    }
+    paths = [
+        report.plot_perplexity(curves, result["perplexity"][0]["ppl_eval"], out / "perplexity.png"),
+        report.plot_timing(stages, reference, out / "timing.png"),
+        report.plot_spectra(spectra, out / "spectra.png"),
+        report.plot_ner_importance(spectra, importance, out / "ner_importance.png"),
+    ]
+    if plan is not None:
+        paths.append(report.plot_plan_ranks(plan, out / "plan_ranks.png"))
+    return [p.name for p in paths]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    args.out.mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]calibrating[/bold] {args.model} on {args.data} ({args.samples} x {args.seqlen})")
+    manifest, calibration_s = calibrate(args)
+    loaded = load_matching_model(manifest, args.model, "cpu")
+    spec = arch_for(loaded.model.config)
+    floor = forward_floor(loaded.model, loaded.tokenizer, args)
+    floor_s = floor["decoder_s"]
+    console.print(f"calibration {calibration_s:.1f} s, forward floor {floor_s:.1f} s; timing factorisations")
+    factor_times = factorisation_times(loaded.model, spec, args.work, manifest, args.ratios)
+    _, eigen_stage_s = _timed(lambda: ensure_eigenbases(args.work, manifest, loaded.model, spec, "cpu"))
+    plans: dict[tuple[float, str], RankPlan] = {}
+    allocate_s: dict[str, float] = {}
+    for ratio in args.ratios:
+        for strategy in STRATEGIES:
+            allocation = run_allocate(
+                AllocateOptions(work=args.work, ratio=ratio, strategy=strategy, device="cpu", force=True)
+            )
+            plans[(ratio, strategy)] = allocation.plan
+            allocate_s[f"{ratio}/{strategy}"] = allocation.seconds
+    texts = {"eval": tokenize(loaded.tokenizer, load_text(args.data, "test").text)}
+    wikitext2 = "skipped (--no-wikitext2)" if args.no_wikitext2 else "unreachable (no Hub access)"
+    if not args.no_wikitext2 and args.data != "wikitext2" and hub_reachable():
+        try:
+            texts["wikitext2"] = tokenize(loaded.tokenizer, load_text("wikitext2", "test").text)
+            wikitext2 = "evaluated"
+        except SwiftSVDError as error:
+            wikitext2 = f"unavailable: {error}"
+    console.print(f"[bold]perplexity[/bold] ({', '.join(texts)}; WikiText-2: {wikitext2})")
+    rows = evaluate(loaded, spec, args, manifest, plans, texts)
+    sizes = [32, 64] if args.quick else [128, 1024, 2048] + ([4096] if args.full else [])
+    console.print(f"[bold]stability[/bold] sizes {sizes}")
+    stability = [row.to_dict() for row in stability_table(sizes)]
+    result: dict[str, Any] = {
+        "kind": "swiftsvd-benchmark",
+        "protocol": {
+            "command": "python scripts/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "model": args.model,
+            "model_id": manifest.model.model_id,
+            "fingerprint": manifest.model.fingerprint,
+            "calibration": {**dataclasses.asdict(manifest.settings), "device": "cpu"},
+            "eval": {
+                "text": load_text(args.data, "test").id,
+                "windows": args.eval_windows,
+                "seqlen": args.eval_seqlen,
+                "protocol": "non-overlapping windows, token-level ppl, whole text tokenised once",
+                "wikitext2": wikitext2,
+            },
+            "ratios": list(args.ratios),
+            "strategies": list(STRATEGIES),
+            "reconstruction": "dense W' = A B in place of W, float32 model, factors computed in float64",
+            "dynamic": "paper Algorithm 2, delta 0.5, alpha by the 11-point grid on calibration-text validation "
+            "perplexity (8 windows), scored with Swift-SVD factors; the same plan is used for every method",
+            "timing": "uniform ranks, float64, Grams in memory; Swift-SVD's eigendecompositions charged to ratio 1",
+            "quick": args.quick,
+        },
+        "machine": machine_info(),
+        "perplexity": rows,
+        "timing": {
+            "calibration_s": calibration_s,
+            "forward_floor_s": floor_s,
+            "full_forward_s": floor["full_model_s"],
+            "calibration_over_floor": calibration_s / floor_s,
+            "eigen_stage_with_io_s": eigen_stage_s,
+            "allocate_s": allocate_s,
+            "factorisation": factor_times,
+        },
+        "alpha_search": {
+            f"{r}/{s}": {"alpha": p.alpha, "candidates": p.candidates} for (r, s), p in plans.items() if s == "dynamic"
+        },
+        "stability": stability,
+    }
+    result["acceptance"] = acceptance(rows, factor_times, stability)
+    spectra = read_eigenvalues(args.work, manifest, spec)
+    middle = args.ratios[len(args.ratios) // 2]
+    result["figures"] = plots(result, spectra, manifest.importance(), plans.get((middle, "dynamic")), args.out)
+    atomic_write_json(args.out / "benchmark.json", result)
+    atomic_write_text(args.out / "README.md", markdown(result))
+    console.print(f"[green]wrote[/green] {args.out / 'benchmark.json'}, README.md and {len(result['figures'])} plots")
+    console.print(json.dumps(result["acceptance"], indent=2))
+    if not args.keep_work:
+        shutil.rmtree(args.work.parent, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Smoke test of scripts/benchmark.py --quick on a tiny random model: it runs and writes what it promises.
+
+No timing or accuracy assertions: on a random 2-layer model and a shared CI machine those mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+
+
+def test_quick_benchmark_writes_results(tiny_llama_dir: Path, tiny_text_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    command = [sys.executable, str(SCRIPT), "--quick", "--model", str(tiny_llama_dir), "--data", str(tiny_text_file)]
+    done = subprocess.run([*command, "--out", str(out), "--no-wikitext2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((out / "benchmark.json").read_text())
+    assert result["kind"] == "swiftsvd-benchmark"
+    assert result["protocol"]["fingerprint"] and result["machine"]["torch"]
+    methods = {(row["method"], row["strategy"]) for row in result["perplexity"]}
+    for method in ("swift", "svd", "asvd", "svd-llm"):
+        assert {(method, "uniform"), (method, "dynamic")} <= methods
+    assert len(result["perplexity"]) == 1 + 3 * (2 * 4 + 1)  # original + ratios x (strategies x methods + released)
+    assert set(result["timing"]["factorisation"]["swift"]) >= {"per_ratio_s", "first_ratio_s", "next_ratio_s"}
+    assert result["timing"]["forward_floor_s"] > 0 and result["stability"]
+    for name in result["figures"]:
+        assert (out / name).stat().st_size > 0
+    assert "## Perplexity" in (out / "README.md").read_text()
