@@ -120,8 +120,6 @@ def _git_commit() -> str | None:
 
 def calibrate(args: argparse.Namespace) -> tuple[CalibrationManifest, float]:
     """A fresh calibration (forward passes + Gram accumulation), timed."""
-    if args.work.exists():
-        shutil.rmtree(args.work)
     options = CalibrateOptions(
         model=args.model,
         work=args.work,
@@ -260,6 +258,7 @@ def evaluate(
     manifest: CalibrationManifest,
     plans: dict[tuple[float, str], RankPlan],
     texts: dict[str, torch.Tensor],
+    on_row: Callable[[list[dict[str, Any]]], None] = lambda rows: None,
 ) -> list[dict[str, Any]]:
     """Perplexity of the original and of every (method, ratio, strategy), by dense reconstruction A B."""
 
@@ -290,8 +289,9 @@ def evaluate(
                 }
             )
             console.print(
-                f"  {method:>16} rho={ratio} {strategy:>7}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+                f"  {method:>16} rho={ratio} {strategy:>7}: " + ", ".join(f"{k} {v:.6g}" for k, v in values.items())
             )
+            on_row(rows)
     return rows
 
 
@@ -321,6 +321,10 @@ def acceptance(rows: list[dict[str, Any]], times: dict[str, Any], stability: lis
         "swift_next_ratios_at_least_10x_cheaper": bool(nexts) and times["swift"]["first_over_next"] >= 10.0,
         "stability_swift_at_minimum_fp32": all(abs(s["swift_relative"]) < 1e-5 for s in stability),
     }
+
+
+def _gap_cell(gap: float | None) -> str:
+    return "fails (Cholesky not PD after shift)" if gap is None else f"{gap:+.2e}"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -377,8 +381,8 @@ def markdown(result: dict[str, Any]) -> str:
         paper = PAPER_TABLE5.get(s["size"]) if s["setting"] == "gaussian" else None
         lines.append(
             f"| {s['setting']} | {s['size']}² | {s['minimum']:.6g} | {s['swift_gap']:+.2e} | "
-            f"{s['svd_llm_gap']:+.2e} | {'yes' if s['svd_llm_shifted'] else 'no'} | "
-            f"{s['svd_llm_mixed_gap']:+.2e} | {paper[0] if paper else ''} | "
+            f"{_gap_cell(s['svd_llm_gap'])} | {'yes' if s['svd_llm_shifted'] else 'no'} | "
+            f"{_gap_cell(s['svd_llm_mixed_gap'])} | {paper[0] if paper else ''} | "
             f"{f'+{paper[1]}' if paper else ''} |"
         )
     lines += [
@@ -425,10 +429,23 @@ def plots(result: dict[str, Any], spectra: Any, importance: list[float], plan: R
     return [p.name for p in paths]
 
 
+def save_partial(out: Path, partial: dict[str, Any], **phase: Any) -> None:
+    """Keep every finished phase on disk (out/partial.json), so a crash late in a long run loses nothing done."""
+    partial.update(phase)
+    atomic_write_json(out / "partial.json", partial)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
+    if args.work.exists() and any(args.work.iterdir()):  # never delete a user's calibration
+        raise SwiftSVDError(f"--work {args.work} is not empty: the benchmark times a fresh calibration, give a new dir")
     args.out.mkdir(parents=True, exist_ok=True)
+    partial: dict[str, Any] = {"kind": "swiftsvd-benchmark-partial", "machine": machine_info()}
+    sizes = [32, 64] if args.quick else [128, 1024, 2048] + ([4096] if args.full else [])
+    console.print(f"[bold]stability[/bold] sizes {sizes}")  # first: cheap, and a crash here costs nothing
+    stability = [row.to_dict() for row in stability_table(sizes)]
+    save_partial(args.out, partial, stability=stability)
     console.print(f"[bold]calibrating[/bold] {args.model} on {args.data} ({args.samples} x {args.seqlen})")
     manifest, calibration_s = calibrate(args)
     loaded = load_matching_model(manifest, args.model, "cpu")
@@ -437,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     floor_s = floor["decoder_s"]
     console.print(f"calibration {calibration_s:.1f} s, forward floor {floor_s:.1f} s; timing factorisations")
     factor_times = factorisation_times(loaded.model, spec, args.work, manifest, args.ratios)
+    save_partial(args.out, partial, calibration_s=calibration_s, floor=floor, factorisation=factor_times)
     _, eigen_stage_s = _timed(lambda: ensure_eigenbases(args.work, manifest, loaded.model, spec, "cpu"))
     plans: dict[tuple[float, str], RankPlan] = {}
     allocate_s: dict[str, float] = {}
@@ -456,10 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         except SwiftSVDError as error:
             wikitext2 = f"unavailable: {error}"
     console.print(f"[bold]perplexity[/bold] ({', '.join(texts)}; WikiText-2: {wikitext2})")
-    rows = evaluate(loaded, spec, args, manifest, plans, texts)
-    sizes = [32, 64] if args.quick else [128, 1024, 2048] + ([4096] if args.full else [])
-    console.print(f"[bold]stability[/bold] sizes {sizes}")
-    stability = [row.to_dict() for row in stability_table(sizes)]
+    rows = evaluate(loaded, spec, args, manifest, plans, texts, lambda done: save_partial(args.out, partial, rows=done))
     result: dict[str, Any] = {
         "kind": "swiftsvd-benchmark",
         "protocol": {
@@ -505,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     result["figures"] = plots(result, spectra, manifest.importance(), plans.get((middle, "dynamic")), args.out)
     atomic_write_json(args.out / "benchmark.json", result)
     atomic_write_text(args.out / "README.md", markdown(result))
+    (args.out / "partial.json").unlink(missing_ok=True)
     console.print(f"[green]wrote[/green] {args.out / 'benchmark.json'}, README.md and {len(result['figures'])} plots")
     console.print(json.dumps(result["acceptance"], indent=2))
     if not args.keep_work:

@@ -51,9 +51,10 @@ class StabilityRow:
     gram_condition: float  # cond(G) in float64 (inf when G is singular)
     minimum: float  # min ‖W X − W' X‖_F over rank(W') ≤ k, float64 SVD of Y
     swift_gap: float  # Swift-SVD (eigh of W G Wᵀ in FP32) loss − minimum
-    svd_llm_gap: float  # SVD-LLM (Cholesky, inverse, SVD all in FP32) loss − minimum
+    svd_llm_gap: float | None  # SVD-LLM (Cholesky, inverse, SVD all in FP32) loss − minimum; None: it failed
     svd_llm_shifted: bool  # FP32 Cholesky failed, G was shifted as SVD-LLM does
-    svd_llm_mixed_gap: float  # SVD-LLM as their code runs it: Cholesky + inverse in float64, SVD in FP32
+    svd_llm_failed: bool  # Cholesky failed even after the shift (SVD-LLM's "not positive-definite" error)
+    svd_llm_mixed_gap: float | None  # SVD-LLM as their code runs it: Cholesky + inverse float64, SVD FP32
     paper_minimum: float | None
     paper_svd_llm_gap: float | None
 
@@ -62,7 +63,9 @@ class StabilityRow:
         return self.swift_gap / self.minimum if self.minimum > 0 else 0.0
 
     @property
-    def svd_llm_relative(self) -> float:
+    def svd_llm_relative(self) -> float | None:
+        if self.svd_llm_gap is None:
+            return None
         return self.svd_llm_gap / self.minimum if self.minimum > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,10 +108,21 @@ def swift_fp32(W: Tensor, G: Tensor, k: int) -> Tensor:
     return A @ B
 
 
-def svd_llm_fp32(W: Tensor, G: Tensor, k: int, cholesky_precision: torch.dtype = FP32) -> tuple[Tensor, bool]:
-    """SVD-LLM's W' = A B with its SVD in FP32 and its Cholesky + inverse in `cholesky_precision`."""
-    result = svd_llm_factors(W, G, k, precision=FP32, cholesky_precision=cholesky_precision)
+def svd_llm_fp32(W: Tensor, G: Tensor, k: int, cholesky_precision: torch.dtype = FP32) -> tuple[Tensor | None, bool]:
+    """SVD-LLM's W' = A B with its SVD in FP32 and its Cholesky + inverse in `cholesky_precision`.
+
+    Returns (None, True) when Cholesky fails even on the shifted G: in FP32 the shift −λ_min + 1e-6 is
+    rounded away next to large eigenvalues, which is SVD-LLM's reported "not positive-definite" failure.
+    """
+    try:
+        result = svd_llm_factors(W, G, k, precision=FP32, cholesky_precision=cholesky_precision)
+    except RuntimeError:  # torch.linalg.LinAlgError (a RuntimeError; the stubs do not export it)
+        return None, True
     return result.A @ result.B, result.shifted
+
+
+def _gap(W: Tensor, W_approx: Tensor | None, X: Tensor, minimum: float) -> float | None:
+    return None if W_approx is None else loss(W, W_approx, X) - minimum
 
 
 def stability_row(size: int, setting: str, ratio: float = 0.6, seed: int = 0) -> StabilityRow:
@@ -128,9 +142,10 @@ def stability_row(size: int, setting: str, ratio: float = 0.6, seed: int = 0) ->
         gram_condition=float(torch.linalg.cond(X.double() @ X.double().T)),
         minimum=minimum,
         swift_gap=loss(W, swift_fp32(W, G, k), X) - minimum,
-        svd_llm_gap=loss(W, svd_llm, X) - minimum,
+        svd_llm_gap=_gap(W, svd_llm, X, minimum),
         svd_llm_shifted=shifted,
-        svd_llm_mixed_gap=loss(W, mixed, X) - minimum,
+        svd_llm_failed=svd_llm is None,
+        svd_llm_mixed_gap=_gap(W, mixed, X, minimum),
         paper_minimum=paper[0] if paper and setting == "gaussian" else None,
         paper_svd_llm_gap=paper[1] if paper and setting == "gaussian" else None,
     )

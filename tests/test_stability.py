@@ -69,3 +69,15 @@ def test_table_rows_and_paper_numbers() -> None:
     assert rows[1].paper_minimum == PAPER_TABLE5[128][0] and rows[1].paper_svd_llm_gap == PAPER_TABLE5[128][1]
     assert rows[0].paper_minimum is None and rows[3].paper_minimum is None  # paper numbers are for its setting only
     assert {"swift_relative", "svd_llm_relative", "minimum"} <= set(rows[0].to_dict())
+
+
+def test_svd_llm_failure_is_recorded_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    import swiftsvd_cli.stability as stability
+
+    def failing(*_args: object, **_kwargs: object) -> None:
+        raise torch.linalg.LinAlgError("not positive-definite")
+
+    monkeypatch.setattr(stability, "svd_llm_factors", failing)
+    row = stability_row(16, "gaussian")
+    assert row.svd_llm_failed and row.svd_llm_gap is None and row.svd_llm_relative is None
+    assert abs(row.swift_relative) < 1e-5
