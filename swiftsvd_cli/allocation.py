@@ -54,15 +54,10 @@ def normalized_importance(importance: Sequence[float]) -> list[float]:
     return [(b - lo) / (hi - lo) + 1.0 for b in importance]
 
 
-def allocation_scores(
-    losses_at_uniform: Sequence[float], importance: Sequence[float], alpha: float
-) -> list[float]:
+def allocation_scores(losses_at_uniform: Sequence[float], importance: Sequence[float], alpha: float) -> list[float]:
     """s_i = β_i^α · ln(e + ε*_i)^{1−α}: α = 1 uses importance only, α = 0 loss only."""
     beta = normalized_importance(importance)
-    return [
-        b**alpha * math.log(math.e + eps) ** (1.0 - alpha)
-        for b, eps in zip(beta, losses_at_uniform, strict=True)
-    ]
+    return [b**alpha * math.log(math.e + eps) ** (1.0 - alpha) for b, eps in zip(beta, losses_at_uniform, strict=True)]
 
 
 def dynamic_ranks(

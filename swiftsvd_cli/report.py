@@ -162,17 +162,32 @@ def plot_plan_ranks(plan: RankPlan, path: Path) -> Path:
 
 
 def plot_perplexity(curves: Mapping[str, Mapping[float, float]], original: float, path: Path) -> Path:
-    """Perplexity vs kept ratio ρ, one line per (method, strategy), log scale: the accuracy comparison."""
+    """Perplexity vs kept ratio ρ, one line per "method strategy" label, log scale: the accuracy comparison.
+
+    Colour and marker follow the method, line style the strategy; markers shrink method by method so that
+    methods with equal perplexity (Swift-SVD and SVD-LLM are both optimal) stay visible on top of each other.
+    """
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    fig, ax = plt.subplots(figsize=(8.5, 4.5), layout="constrained")
+    methods = list(dict.fromkeys(label.rsplit(" ", 1)[0] for label in curves))
     for label, points in curves.items():
+        index = methods.index(label.rsplit(" ", 1)[0])
         xs = sorted(points)
-        ax.semilogy(xs, [points[x] for x in xs], marker="o", ls="--" if "dynamic" in label else "-", label=label)
+        ax.semilogy(
+            xs,
+            [points[x] for x in xs],
+            color=f"C{index}",
+            marker="osD^v<>"[index % 7],
+            markersize=max(3.0, 11.0 - 2.0 * index),
+            fillstyle="none",
+            ls="--" if label.endswith("dynamic") else "-",
+            label=label,
+        )
     ax.axhline(original, color="black", lw=0.8, ls=":", label=f"original ({original:.2f})")
     ax.set_xlabel("ρ (fraction of parameters kept)")
     ax.set_ylabel("perplexity (log)")
     ax.invert_xaxis()
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title("Perplexity vs compression ratio")
     return _save(fig, path)
 

@@ -20,9 +20,7 @@ def anisotropic_inputs(n: int, N: int, seed: int) -> Tensor:
     """(n, N) correlated inputs whose scales span 3 decades: where activation-awareness matters."""
     g = gen(seed)
     Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
-    X: Tensor = (
-        Q @ torch.diag(torch.logspace(0, -3, n, dtype=F64)) @ torch.randn(n, N, generator=g, dtype=F64)
-    )
+    X: Tensor = Q @ torch.diag(torch.logspace(0, -3, n, dtype=F64)) @ torch.randn(n, N, generator=g, dtype=F64)
     return X
 
 

@@ -41,9 +41,7 @@ def test_detokenise_file_paragraphs_and_headlines() -> None:
         "\n\n\tFirst/od sentence/nn ./.\nSecond/od one/cd ./.\n\n\n"
         "Merger/nn-hl proposed/vbn-hl\nHowever/rb ,/, no/rb ./.\n\n\n\tNew/jj paragraph/nn ./.\n"
     )
-    assert demo.detokenise_file(raw) == (
-        "First sentence. Second one.\nMerger proposed\nHowever, no.\nNew paragraph."
-    )
+    assert demo.detokenise_file(raw) == ("First sentence. Second one.\nMerger proposed\nHowever, no.\nNew paragraph.")
 
 
 def test_split_files_is_disjoint_and_fixed() -> None:

@@ -149,9 +149,7 @@ def test_rank_deficient_gram(m: int, n: int) -> None:
     assert k_max > N  # so zero-eigenvalue directions are requested
     assert bool(torch.isfinite(basis.vectors).all()) and bool(torch.isfinite(basis.eigenvalues).all())
     assert int((basis.eigenvalues > 0).sum()) == N
-    torch.testing.assert_close(
-        basis.vectors.T @ basis.vectors, torch.eye(k_max, dtype=F64), rtol=0, atol=1e-12
-    )
+    torch.testing.assert_close(basis.vectors.T @ basis.vectors, torch.eye(k_max, dtype=F64), rtol=0, atol=1e-12)
     total = float(predicted_loss(basis.eigenvalues)[0])
     for k in (1, 4, N - 1, N, k_max):
         A, B = factorize(W, basis.vectors, k)
@@ -217,6 +215,4 @@ def test_effective_rank_known_answers() -> None:
     assert effective_rank(torch.tensor([5.0, 0.0, 0.0], dtype=F64)) == pytest.approx(1.0, rel=1e-12)
     assert effective_rank(torch.zeros(3, dtype=F64)) == 0.0
     # σ = √λ = (2, 1, 1): p = (1/2, 1/4, 1/4), H = 1.5 ln 2 (a σ² weighting would give a different value)
-    assert effective_rank(torch.tensor([4.0, 1.0, 1.0], dtype=F64)) == pytest.approx(
-        math.exp(1.5 * math.log(2))
-    )
+    assert effective_rank(torch.tensor([4.0, 1.0, 1.0], dtype=F64)) == pytest.approx(math.exp(1.5 * math.log(2)))
