@@ -32,7 +32,7 @@ import torch
 from rich.console import Console
 
 from swiftsvd_cli import __version__, report
-from swiftsvd_cli.allocate import AllocateOptions, FactorSource, load_matching_model, reconstructed, run_allocate
+from swiftsvd_cli.allocate import AllocateOptions, load_matching_model, reconstructed, run_allocate
 from swiftsvd_cli.architectures import ArchSpec, arch_for, decoder_layers, target_linears
 from swiftsvd_cli.artifacts import CalibrationManifest, atomic_write_json, atomic_write_text, read_shard
 from swiftsvd_cli.baselines import asvd_factors, svd_factors, svd_llm_factors
@@ -42,7 +42,7 @@ from swiftsvd_cli.eigen import ensure_eigenbases, read_eigenvalues
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.linalg import factorize, group_eigenbases, uniform_rank
 from swiftsvd_cli.log import setup_logging
-from swiftsvd_cli.methods import METHODS
+from swiftsvd_cli.methods import METHODS, FactorSource
 from swiftsvd_cli.perplexity import perplexity
 from swiftsvd_cli.plan import RankPlan
 from swiftsvd_cli.stability import PAPER_TABLE5, stability_table

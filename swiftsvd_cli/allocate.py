@@ -29,7 +29,7 @@ from swiftsvd_cli.eigen import ensure_eigenbases, read_eigenvalues
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.linalg import effective_rank, normalized_effective_rank, predicted_loss, uniform_rank
 from swiftsvd_cli.log import progress
-from swiftsvd_cli.methods import check_method, layer_factors
+from swiftsvd_cli.methods import FactorSource, check_method
 from swiftsvd_cli.models import LoadedModel, default_device, load_model
 from swiftsvd_cli.perplexity import perplexity
 from swiftsvd_cli.plan import ModulePlan, RankPlan
@@ -142,18 +142,6 @@ def reconstructed(model: nn.Module, spec: ArchSpec, ranks: RankMap, factors_of: 
         for (index, name), weight in saved.items():
             with torch.no_grad():
                 target_linears(decoder_layers(model, spec)[index], spec)[name].weight.copy_(weight)
-
-
-class FactorSource:
-    """Callable (layer, linears, ranks) -> factors for one method over one WORK."""
-
-    def __init__(self, method: str, work: Path, manifest: CalibrationManifest, spec: ArchSpec, device: str) -> None:
-        self.method, self.work, self.manifest, self.spec, self.device = method, work, manifest, spec, device
-
-    def __call__(
-        self, index: int, linears: dict[str, nn.Linear], ranks: dict[str, int]
-    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return layer_factors(self.method, self.work, self.manifest, self.spec, index, linears, ranks, self.device)
 
 
 def run_allocate(options: AllocateOptions) -> AllocationResult:

@@ -26,7 +26,7 @@ from swiftsvd_cli.artifacts import FORMAT_VERSION, sha256_file
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.log import progress
 from swiftsvd_cli.lowrank import LowRankLinear, replace_module
-from swiftsvd_cli.methods import check_method, layer_factors
+from swiftsvd_cli.methods import FactorSource, check_method
 from swiftsvd_cli.models import default_device, load_model, resolve_dtype
 from swiftsvd_cli.plan import RankPlan
 
@@ -94,14 +94,13 @@ def run_compress(options: CompressOptions) -> CompressResult:
     before = count_parameters(model)
     dtype = next(model.parameters()).dtype
     ranks = plan.ranks(spec.layers)
+    factors = FactorSource(options.method, work, manifest, spec, device)
     with progress() as bar:
         task = bar.add_task("factorising", total=manifest.model.num_layers)
         for index, layer in enumerate(decoder_layers(model, spec)):
             linears = target_linears(layer, spec)
             wanted = {p.module: p.rank for p in plan.modules if p.layer == index and not p.dense}
-            for name, (A, B) in layer_factors(
-                options.method, work, manifest, spec, index, linears, wanted, device
-            ).items():
+            for name, (A, B) in factors(index, linears, wanted).items():
                 linear = linears[name]
                 with torch.no_grad():
                     if options.merge:

@@ -32,38 +32,54 @@ def check_method(method: str) -> str:
     return method
 
 
-def layer_factors(
-    method: str,
-    work: Path,
-    manifest: CalibrationManifest,
-    spec: ArchSpec,
-    index: int,
-    linears: dict[str, nn.Linear],
-    ranks: dict[str, int],
-    device: str,
-) -> Factors:
-    """(A, B) in float64 for the modules of layer `index` listed in `ranks` (module path -> rank)."""
-    if not ranks:
-        return {}
-    weights = {name: linears[name].weight.detach().to(device=device, dtype=torch.float64) for name in ranks}
-    if method == "swift":
-        bases = artifacts.read_shard(work, manifest.eigen[index])
-        return {
-            name: factorize(W, bases[f"{name}.vectors"].to(device=device, dtype=torch.float64), ranks[name])
-            for name, W in weights.items()
-        }
-    if method == "svd":
-        return {name: svd_factors(W, ranks[name]) for name, W in weights.items()}
-    stats = artifacts.read_shard(work, manifest.layers[index].shard)
-    tokens = float(stats["tokens"])
-    factors: Factors = {}
-    for name, W in weights.items():
-        group = spec.group_of(name)
-        if method == "asvd":
-            factors[name] = asvd_factors(W, stats[f"{group}.abs_sum"].to(device) / tokens, ranks[name])
-        else:
-            result = svd_llm_factors(W, stats[f"{group}.gram"].to(device), ranks[name])
-            if result.shifted:
-                logger.info("svd-llm: layer %d %s: Gram not positive definite, shifted (as SVD-LLM does)", index, name)
-            factors[name] = (result.A, result.B)
-    return factors
+class FactorSource:
+    """Callable (layer index, linears, ranks) -> factors for one method over one WORK.
+
+    Each shard is hashed the first time this source reads it; later reads (the α search reconstructs every
+    layer once per candidate) only check its size.
+    """
+
+    def __init__(self, method: str, work: Path, manifest: CalibrationManifest, spec: ArchSpec, device: str) -> None:
+        self.method, self.work, self.manifest, self.spec, self.device = (
+            check_method(method),
+            work,
+            manifest,
+            spec,
+            device,
+        )
+        self._verified: set[str] = set()
+
+    def _read(self, shard: artifacts.Shard) -> dict[str, torch.Tensor]:
+        tensors = artifacts.read_shard(self.work, shard, verify=shard.file not in self._verified)
+        self._verified.add(shard.file)
+        return tensors
+
+    def __call__(self, index: int, linears: dict[str, nn.Linear], ranks: dict[str, int]) -> Factors:
+        """(A, B) in float64 for the modules of layer `index` listed in `ranks` (module path -> rank)."""
+        if not ranks:
+            return {}
+        device = self.device
+        weights = {name: linears[name].weight.detach().to(device=device, dtype=torch.float64) for name in ranks}
+        if self.method == "swift":
+            bases = self._read(self.manifest.eigen[index])
+            return {
+                name: factorize(W, bases[f"{name}.vectors"].to(device=device, dtype=torch.float64), ranks[name])
+                for name, W in weights.items()
+            }
+        if self.method == "svd":
+            return {name: svd_factors(W, ranks[name]) for name, W in weights.items()}
+        stats = self._read(self.manifest.layers[index].shard)
+        tokens = float(stats["tokens"])
+        factors: Factors = {}
+        for name, W in weights.items():
+            group = self.spec.group_of(name)
+            if self.method == "asvd":
+                factors[name] = asvd_factors(W, stats[f"{group}.abs_sum"].to(device) / tokens, ranks[name])
+            else:
+                result = svd_llm_factors(W, stats[f"{group}.gram"].to(device), ranks[name])
+                if result.shifted:
+                    logger.info(
+                        "svd-llm: layer %d %s: Gram not positive definite, shifted (as SVD-LLM does)", index, name
+                    )
+                factors[name] = (result.A, result.B)
+        return factors

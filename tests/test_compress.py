@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -10,11 +11,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
+from swiftsvd_cli import artifacts
 from swiftsvd_cli.allocate import AllocateOptions, run_allocate
+from swiftsvd_cli.artifacts import CalibrationManifest
 from swiftsvd_cli.calibrate import CalibrateOptions, run_calibrate
 from swiftsvd_cli.cli import app
 from swiftsvd_cli.compress import CompressOptions, load_compressed, run_compress
 from swiftsvd_cli.data import load_text, tokenize
+from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.perplexity import perplexity
 from swiftsvd_cli.plan import RankPlan
 
@@ -131,6 +135,34 @@ def test_dynamic_search_records_candidates(work: Path) -> None:
     best = min(plan.candidates, key=lambda c: (c["val_ppl"], c["alpha"]))
     assert plan.alpha == best["alpha"]
     assert plan.achieved_ratio <= 0.6
+
+
+def test_alpha_search_hashes_each_shard_once(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """11 candidates reconstruct every layer 11 times; the eigen shards must not be re-hashed each time."""
+    hashed: Counter[str] = Counter()
+    real = artifacts.sha256_file
+
+    def counting(path: Path) -> str:
+        hashed[str(Path(path).resolve())] += 1
+        return real(path)
+
+    monkeypatch.setattr(artifacts, "sha256_file", counting)
+    plan_for(work, 0.5, "dynamic", val_samples=1)
+    eigen = {str((work / record.file).resolve()) for record in CalibrationManifest.load(work).eigen.values()}
+    # once each by the cache check, the spectra read and the first reconstruction; not once per candidate (13)
+    assert eigen and all(1 <= hashed[name] <= 3 for name in eigen), hashed
+
+
+def test_unverified_reread_still_checks_size(work: Path, tmp_path: Path) -> None:
+    shard = CalibrationManifest.load(work).eigen[0]
+    copy = tmp_path / shard.file
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes((work / shard.file).read_bytes())
+    assert artifacts.read_shard(tmp_path, shard, verify=False).keys()
+    with copy.open("ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(SwiftSVDError, match="corrupt shard"):
+        artifacts.read_shard(tmp_path, shard, verify=False)
 
 
 def test_second_ratio_reuses_eigenbases(work: Path) -> None:
