@@ -43,6 +43,7 @@ from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.linalg import factorize, group_eigenbases, uniform_rank
 from swiftsvd_cli.log import setup_logging
 from swiftsvd_cli.methods import METHODS, FactorSource
+from swiftsvd_cli.models import ModelSource
 from swiftsvd_cli.perplexity import perplexity
 from swiftsvd_cli.plan import RankPlan
 from swiftsvd_cli.stability import PAPER_TABLE5, stability_table
@@ -121,13 +122,11 @@ def _git_commit() -> str | None:
 def calibrate(args: argparse.Namespace) -> tuple[CalibrationManifest, float]:
     """A fresh calibration (forward passes + Gram accumulation), timed."""
     options = CalibrateOptions(
-        model=args.model,
+        source=ModelSource(args.model, dtype="float32", device="cpu"),
         work=args.work,
         data=args.data,
         samples=args.samples,
         seqlen=args.seqlen,
-        device="cpu",
-        dtype="float32",
     )
     start = time.perf_counter()
     result = run_calibrate(options)

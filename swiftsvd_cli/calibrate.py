@@ -25,7 +25,7 @@ from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.layerwise import capture_first_layer_inputs, iterate_batches, layer_output
 from swiftsvd_cli.linalg import accumulate_gram, make_empty_gram
 from swiftsvd_cli.log import progress
-from swiftsvd_cli.models import LoadedModel, default_device, load_model
+from swiftsvd_cli.models import LoadedModel, ModelSource
 
 logger = logging.getLogger("swiftsvd")
 DERIVED = ("eigen", "plans", "importance.json")  # artifacts computed from the Grams, invalid without them
@@ -33,17 +33,13 @@ DERIVED = ("eigen", "plans", "importance.json")  # artifacts computed from the G
 
 @dataclass(frozen=True)
 class CalibrateOptions:
-    model: str
+    source: ModelSource
     work: Path
     data: str = "wikitext2"
     samples: int = 256
     seqlen: int = 2048
     seed: int = 3  # SVD-LLM's calibration seed
     batch_size: int = 4
-    dtype: str = "auto"
-    device: str | None = None
-    revision: str | None = None
-    trust_remote_code: bool = False
     force: bool = False
 
 
@@ -143,7 +139,7 @@ def _importance_sum(h_in: torch.Tensor, h_out: torch.Tensor) -> float:
 
 @torch.no_grad()
 def run_calibrate(options: CalibrateOptions) -> CalibrationResult:
-    """Compute (or resume) the per-layer Grams of `options.model` into `options.work`."""
+    """Compute (or resume) the per-layer Grams of `options.source` into `options.work`."""
     if options.samples < 1 or options.seqlen < 2 or options.batch_size < 1:
         raise SwiftSVDError("--samples, --batch-size must be >= 1 and --seqlen >= 2")
     work = options.work
@@ -151,15 +147,8 @@ def run_calibrate(options: CalibrateOptions) -> CalibrationResult:
         raise SwiftSVDError(f"--out {work} exists and is not a directory")
     old = _existing_manifest(work)  # fail on a corrupt WORK before the (slow) model load
     start = time.perf_counter()
-    device = options.device or default_device()
-    loaded = load_model(
-        options.model,
-        revision=options.revision,
-        dtype=options.dtype,
-        device=device,
-        trust_remote_code=options.trust_remote_code,
-        keep_on_cpu=True,
-    )
+    device = options.source.compute_device
+    loaded = options.source.load(keep_on_cpu=True)
     spec = arch_for(loaded.model.config)
     layers = decoder_layers(loaded.model, spec)
     source = load_text(options.data, "train")

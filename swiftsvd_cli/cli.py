@@ -103,19 +103,16 @@ def calibrate(
 ) -> None:
     """Accumulate float64 input Grams per layer and input group; resumes an interrupted run."""
     from swiftsvd_cli.calibrate import CalibrateOptions, run_calibrate
+    from swiftsvd_cli.models import ModelSource
 
     options = CalibrateOptions(
-        model=model,
+        source=ModelSource(model, dtype, device, revision, trust_remote_code),
         work=out,
         data=data,
         samples=samples,
         seqlen=seqlen,
         seed=seed,
         batch_size=batch_size,
-        dtype=dtype,
-        device=device,
-        revision=revision,
-        trust_remote_code=trust_remote_code,
         force=force,
     )
     result = run_calibrate(options)
@@ -260,31 +257,22 @@ def compress(
 ) -> None:
     """Compress MODEL by a plan (--plan) or in one shot (--ratio), into a loadable low-rank checkpoint."""
     from swiftsvd_cli.compress import CompressOptions, run_compress
+    from swiftsvd_cli.models import ModelSource
     from swiftsvd_cli.pipeline import OneShotOptions, run_oneshot
 
     if (plan is None) == (ratio is None):
         raise SwiftSVDError("give exactly one of --plan PLAN or --ratio RATIO")
     seconds: dict[str, float] = {}
+    source = ModelSource(model, dtype, device, revision, trust_remote_code)
     if plan is not None:
         result = run_compress(
-            CompressOptions(
-                model=model,
-                out=out,
-                plan=plan,
-                method=method,
-                merge=merge,
-                dtype=dtype,
-                device=device,
-                revision=revision,
-                trust_remote_code=trust_remote_code,
-                force=force,
-            )
+            CompressOptions(source=source, out=out, plan=plan, method=method, merge=merge, force=force)
         )
     else:
         assert ratio is not None
         oneshot = run_oneshot(
             OneShotOptions(
-                model=model,
+                source=source,
                 ratio=ratio,
                 out=out,
                 work=work,
@@ -295,10 +283,6 @@ def compress(
                 data=data,
                 samples=samples,
                 seqlen=seqlen,
-                dtype=dtype,
-                device=device,
-                revision=revision,
-                trust_remote_code=trust_remote_code,
                 force=force,
             )
         )

@@ -27,7 +27,7 @@ from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.log import progress
 from swiftsvd_cli.lowrank import LowRankLinear, replace_module
 from swiftsvd_cli.methods import FactorSource, check_method
-from swiftsvd_cli.models import default_device, load_model, resolve_dtype
+from swiftsvd_cli.models import ModelSource, resolve_dtype
 from swiftsvd_cli.plan import RankPlan
 
 logger = logging.getLogger("swiftsvd")
@@ -35,15 +35,11 @@ logger = logging.getLogger("swiftsvd")
 
 @dataclass(frozen=True)
 class CompressOptions:
-    model: str
+    source: ModelSource
     out: Path
     plan: Path
     method: str = "swift"
     merge: bool = False
-    dtype: str = "auto"
-    device: str | None = None
-    revision: str | None = None
-    trust_remote_code: bool = False
     force: bool = False
 
 
@@ -67,7 +63,7 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def run_compress(options: CompressOptions) -> CompressResult:
-    """Factor every planned linear of `options.model` and save the result to `options.out`."""
+    """Factor every planned linear of `options.source` and save the result to `options.out`."""
     check_output(options.out, options.force)
     check_method(options.method)
     start = time.perf_counter()
@@ -77,17 +73,11 @@ def run_compress(options: CompressOptions) -> CompressResult:
     manifest = load_complete_manifest(work)
     if manifest.model.fingerprint != plan.model.fingerprint:
         raise SwiftSVDError(f"plan {options.plan} does not belong to the calibration in {work}")
-    device = options.device or default_device()
-    loaded = load_model(
-        options.model,
-        revision=options.revision,
-        dtype=options.dtype,
-        device=device,
-        trust_remote_code=options.trust_remote_code,
-    )
+    device = options.source.compute_device
+    loaded = options.source.load()
     if loaded.fingerprint != plan.model.fingerprint:
         raise SwiftSVDError(
-            f"plan {options.plan} was made for another model ({plan.model.model_id}), not '{options.model}'"
+            f"plan {options.plan} was made for another model ({plan.model.model_id}), not '{options.source.model}'"
         )
     model = loaded.model
     spec = arch_for(model.config)

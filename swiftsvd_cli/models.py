@@ -141,3 +141,28 @@ def load_model(
         fingerprint=fingerprint(model, model.config),
         compressed=compressed,
     )
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Which model a stage loads and how: the loading settings shared by calibrate, compress and one shot."""
+
+    model: str  # hub id, local dir, .gguf file or 'demo'
+    dtype: str = "auto"
+    device: str | None = None  # None: cuda if available
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    @property
+    def compute_device(self) -> str:
+        return self.device or default_device()
+
+    def load(self, *, keep_on_cpu: bool = False) -> LoadedModel:
+        return load_model(
+            self.model,
+            revision=self.revision,
+            dtype=self.dtype,
+            device=self.compute_device,
+            trust_remote_code=self.trust_remote_code,
+            keep_on_cpu=keep_on_cpu,
+        )

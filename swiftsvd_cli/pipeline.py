@@ -14,7 +14,7 @@ from pathlib import Path
 from swiftsvd_cli.allocate import AllocateOptions, check_ratio, run_allocate
 from swiftsvd_cli.calibrate import CalibrateOptions, run_calibrate
 from swiftsvd_cli.compress import CompressOptions, CompressResult, check_output, run_compress
-from swiftsvd_cli.models import DEMO
+from swiftsvd_cli.models import DEMO, ModelSource
 
 logger = logging.getLogger("swiftsvd")
 
@@ -34,7 +34,7 @@ FIELD_CALIBRATION = CalibrationDefaults(data="wikitext2", samples=256, seqlen=20
 
 @dataclass(frozen=True)
 class OneShotOptions:
-    model: str
+    source: ModelSource
     ratio: float
     out: Path
     work: Path | None = None
@@ -47,10 +47,6 @@ class OneShotOptions:
     seqlen: int | None = None
     seed: int = 3
     batch_size: int = 4
-    dtype: str = "auto"
-    device: str | None = None
-    revision: str | None = None
-    trust_remote_code: bool = False
     force: bool = False
 
 
@@ -71,25 +67,22 @@ def default_work(model: str, data: str, samples: int, seqlen: int, seed: int) ->
 def run_oneshot(options: OneShotOptions) -> OneShotResult:
     check_ratio(options.ratio)
     check_output(options.out, options.force)
-    defaults = DEMO_CALIBRATION if options.model == DEMO else FIELD_CALIBRATION
+    model = options.source.model
+    defaults = DEMO_CALIBRATION if model == DEMO else FIELD_CALIBRATION
     data = options.data or defaults.data
     samples = options.samples or defaults.samples
     seqlen = options.seqlen or defaults.seqlen
-    work = options.work or default_work(options.model, data, samples, seqlen, options.seed)
+    work = options.work or default_work(model, data, samples, seqlen, options.seed)
     logger.info("WORK directory: %s", work)
     calibration = run_calibrate(
         CalibrateOptions(
-            model=options.model,
+            source=options.source,
             work=work,
             data=data,
             samples=samples,
             seqlen=seqlen,
             seed=options.seed,
             batch_size=options.batch_size,
-            dtype=options.dtype,
-            device=options.device,
-            revision=options.revision,
-            trust_remote_code=options.trust_remote_code,
         )
     )
     name = (
@@ -109,25 +102,21 @@ def run_oneshot(options: OneShotOptions) -> OneShotResult:
                 strategy=options.strategy,
                 alpha=options.alpha,
                 method=options.method,
-                model=options.model,
+                model=model,
                 val_samples=defaults.val_samples,
                 name=name,
-                device=options.device,
+                device=options.source.device,
                 force=True,
             )
         )
         allocate_seconds = allocation.seconds
     result = run_compress(
         CompressOptions(
-            model=options.model,
+            source=options.source,
             out=options.out,
             plan=plan_path,
             method=options.method,
             merge=options.merge,
-            dtype=options.dtype,
-            device=options.device,
-            revision=options.revision,
-            trust_remote_code=options.trust_remote_code,
             force=options.force,
         )
     )

@@ -36,21 +36,18 @@ def train_tokenizer(text: str, vocab_size: int = 300):  # -> PreTrainedTokenizer
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
+TINY_SHAPE: dict[str, int] = dict(
+    hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
+"""Every tiny test model's shape: 2 layers, GQA (4 query heads, 2 KV heads)."""
+
+
 def build_tiny_model(family: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
     """A 2-layer random model of `family` ("llama" or "qwen2"), with GQA (4 heads, 2 KV heads)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     torch.manual_seed(seed)
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
+    common = dict(vocab_size=vocab_size, max_position_embeddings=256, tie_word_embeddings=False, **TINY_SHAPE)
     config = LlamaConfig(**common) if family == "llama" else Qwen2Config(**common)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()
@@ -108,3 +105,14 @@ def trained_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) 
     model.save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+def calibrated_plan(model_dir: Path, text: Path, work: Path, samples: int, seqlen: int, ratio: float) -> Path:
+    """Calibrate `model_dir` on `text` into `work` and write a uniform plan for `ratio`: its path."""
+    from swiftsvd_cli.allocate import AllocateOptions, run_allocate
+    from swiftsvd_cli.calibrate import CalibrateOptions, run_calibrate
+    from swiftsvd_cli.models import ModelSource
+
+    source = ModelSource(str(model_dir), device="cpu")
+    run_calibrate(CalibrateOptions(source=source, work=work, data=str(text), samples=samples, seqlen=seqlen))
+    return run_allocate(AllocateOptions(work=work, ratio=ratio, strategy="uniform", device="cpu")).path

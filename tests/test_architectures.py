@@ -8,20 +8,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from swiftsvd_cli.architectures import ARCHITECTURES, arch_for, decoder_layers, target_linears
 from swiftsvd_cli.errors import SwiftSVDError
+from tests.conftest import TINY_SHAPE
 
 
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
 def test_every_target_is_a_linear_with_shared_group_inputs(model_type: str) -> None:
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
+    config = AutoConfig.for_model(model_type, vocab_size=64, head_dim=8, **TINY_SHAPE)
     model = AutoModelForCausalLM.from_config(config)
     spec = arch_for(model.config)
     layers = decoder_layers(model, spec)

@@ -14,13 +14,19 @@ from swiftsvd_cli.architectures import LLAMA
 from swiftsvd_cli.calibrate import CalibrateOptions, run_calibrate, shard_name
 from swiftsvd_cli.data import calibration_windows, load_text, tokenize
 from swiftsvd_cli.errors import SwiftSVDError
+from swiftsvd_cli.models import ModelSource
 
 SAMPLES, SEQLEN = 6, 24
 
 
 def options(model_dir: Path, work: Path, text: Path, **overrides: object) -> CalibrateOptions:
     settings: dict[str, object] = dict(
-        model=str(model_dir), work=work, data=str(text), samples=SAMPLES, seqlen=SEQLEN, batch_size=4, device="cpu"
+        source=ModelSource(str(model_dir), device="cpu"),
+        work=work,
+        data=str(text),
+        samples=SAMPLES,
+        seqlen=SEQLEN,
+        batch_size=4,
     )
     settings.update(overrides)
     return CalibrateOptions(**settings)  # type: ignore[arg-type]

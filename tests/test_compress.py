@@ -19,6 +19,7 @@ from swiftsvd_cli.cli import app
 from swiftsvd_cli.compress import CompressOptions, load_compressed, run_compress
 from swiftsvd_cli.data import load_text, tokenize
 from swiftsvd_cli.errors import SwiftSVDError
+from swiftsvd_cli.models import ModelSource
 from swiftsvd_cli.perplexity import perplexity
 from swiftsvd_cli.plan import RankPlan
 
@@ -30,12 +31,11 @@ def work(trained_llama_dir: Path, tiny_text_file: Path, tmp_path_factory: pytest
     path = tmp_path_factory.mktemp("work")
     run_calibrate(
         CalibrateOptions(
-            model=str(trained_llama_dir),
+            source=ModelSource(str(trained_llama_dir), device="cpu"),
             work=path,
             data=str(tiny_text_file),
             samples=SAMPLES,
             seqlen=SEQLEN,
-            device="cpu",
         )
     )
     return path
@@ -48,7 +48,7 @@ def plan_for(work: Path, ratio: float, strategy: str = "uniform", **extra: objec
 
 
 def compress_to(model_dir: Path, plan: Path, out: Path, merge: bool = False) -> Path:
-    run_compress(CompressOptions(model=str(model_dir), out=out, plan=plan, merge=merge, device="cpu", dtype="float32"))
+    run_compress(CompressOptions(ModelSource(str(model_dir), "float32", "cpu"), out=out, plan=plan, merge=merge))
     return out
 
 

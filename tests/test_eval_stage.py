@@ -12,6 +12,8 @@ from swiftsvd_cli import evaluate as stage
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.eval_table import render_table
 from swiftsvd_cli.evaluate import EvalOptions, evaluate, split_tasks
+from swiftsvd_cli.models import ModelSource
+from tests.conftest import calibrated_plan
 
 
 def test_split_tasks() -> None:
@@ -96,18 +98,11 @@ def test_seqlen_too_large_is_an_error(tiny_llama_dir: Path, tiny_text_file: Path
 
 def test_original_vs_compressed(tiny_llama_dir: Path, tiny_text_file: Path, tmp_path: Path) -> None:
     """Through the real pipeline: the compressed target's size is counted from its factored modules."""
-    from swiftsvd_cli.allocate import AllocateOptions, run_allocate
-    from swiftsvd_cli.calibrate import CalibrateOptions, run_calibrate
     from swiftsvd_cli.compress import CompressOptions, run_compress
 
     work, out = tmp_path / "work", tmp_path / "compressed"
-    run_calibrate(
-        CalibrateOptions(
-            model=str(tiny_llama_dir), work=work, data=str(tiny_text_file), samples=8, seqlen=32, device="cpu"
-        )
-    )
-    plan = run_allocate(AllocateOptions(work=work, ratio=0.5, strategy="uniform", device="cpu")).path
-    run_compress(CompressOptions(model=str(tiny_llama_dir), out=out, plan=plan, device="cpu", dtype="float32"))
+    plan = calibrated_plan(tiny_llama_dir, tiny_text_file, work, samples=8, seqlen=32, ratio=0.5)
+    run_compress(CompressOptions(ModelSource(str(tiny_llama_dir), "float32", "cpu"), out=out, plan=plan))
 
     report = evaluate(
         EvalOptions(targets=(str(tiny_llama_dir), str(out)), tasks=(str(tiny_text_file),), seqlen=32, limit=2)

@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from swiftsvd_cli import report
-from swiftsvd_cli.allocate import AllocateOptions, run_allocate
-from swiftsvd_cli.calibrate import CalibrateOptions, run_calibrate
 from swiftsvd_cli.errors import SwiftSVDError
+from tests.conftest import calibrated_plan
 
 pytest.importorskip("matplotlib")
 
@@ -73,12 +72,7 @@ def test_missing_matplotlib_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_report_end_to_end(tiny_llama_dir: Path, tiny_text_file: Path, tmp_path: Path) -> None:
     work = tmp_path / "work"
-    run_calibrate(
-        CalibrateOptions(
-            model=str(tiny_llama_dir), work=work, data=str(tiny_text_file), samples=4, seqlen=16, device="cpu"
-        )
-    )
-    plan = run_allocate(AllocateOptions(work=work, ratio=0.6, strategy="uniform", device="cpu")).path
+    plan = calibrated_plan(tiny_llama_dir, tiny_text_file, work, samples=4, seqlen=16, ratio=0.6)
     result = report.run_report(report.ReportOptions(work=work, out=tmp_path / "report", plan=plan, device="cpu"))
     assert {p.name for p in result.figures} == {"ner_importance.png", "spectra.png", "plan_ranks.png"}
     text = result.summary.read_text()
