@@ -27,7 +27,7 @@ from swiftsvd_cli.artifacts import CalibrationManifest
 from swiftsvd_cli.data import load_text, tokenize
 from swiftsvd_cli.eigen import ensure_eigenbases, read_eigenvalues
 from swiftsvd_cli.errors import SwiftSVDError
-from swiftsvd_cli.linalg import effective_rank, normalized_effective_rank, predicted_loss, uniform_rank
+from swiftsvd_cli.linalg import effective_rank, loss_at_rank, normalized_effective_rank, uniform_rank
 from swiftsvd_cli.log import progress
 from swiftsvd_cli.methods import FactorSource, check_method
 from swiftsvd_cli.models import LoadedModel, default_device, load_model
@@ -205,9 +205,8 @@ def module_plan(
 ) -> ModulePlan:
     m, n = shape
     dense = is_dense(m, n, rank)
-    curve = predicted_loss(eigenvalues)
-    loss = 0.0 if dense else float(curve[min(rank, curve.numel() - 1)])
-    total = float(curve[0])
+    loss = 0.0 if dense else loss_at_rank(eigenvalues, rank)
+    total = loss_at_rank(eigenvalues, 0)
     return ModulePlan(
         layer=index,
         module=module,

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 
 from torch import Tensor
 
-from swiftsvd_cli.linalg import RANK_FLOOR_SLACK, break_even_rank, predicted_loss, uniform_rank
+from swiftsvd_cli.linalg import RANK_FLOOR_SLACK, break_even_rank, loss_at_rank, uniform_rank
 
 
 def is_dense(m: int, n: int, k: int) -> bool:
@@ -40,10 +40,8 @@ def uniform_ranks(m: int, n: int, ratio: float, num_layers: int) -> list[int]:
 
 
 def minimal_loss_at_uniform(eigenvalues: Tensor, m: int, n: int, ratio: float) -> float:
-    """ε*_{k̄} = (Σ_{j>k̄} σ_j²)^{1/2} = √predicted_loss[floor(k̄)]: one layer's input to `dynamic_ranks`."""
-    curve = predicted_loss(eigenvalues)  # (len + 1,)
-    k = min(uniform_rank(m, n, ratio), curve.numel() - 1)
-    return math.sqrt(float(curve[k]))
+    """ε*_{k̄} = (Σ_{j>k̄} σ_j²)^{1/2} = √loss_at_rank(floor(k̄)): one layer's input to `dynamic_ranks`."""
+    return math.sqrt(loss_at_rank(eigenvalues, uniform_rank(m, n, ratio)))
 
 
 def normalized_importance(importance: Sequence[float]) -> list[float]:

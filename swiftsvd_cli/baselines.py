@@ -13,18 +13,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from swiftsvd_cli.linalg import SVD_PRECISION
+from swiftsvd_cli.linalg import SVD_PRECISION, check_rank
 
 ASVD_EPS = 1e-6
 """ASVD adds this to its scaling vector so that channels that were never active do not divide by zero."""
 
 SVD_LLM_SHIFT = 1e-6
 """SVD-LLM's shift: a non-positive-definite G is moved so that its smallest eigenvalue becomes this."""
-
-
-def _check_rank(W: Tensor, k: int) -> None:
-    if not 0 <= k <= min(W.shape):
-        raise ValueError(f"rank {k} outside [0, {min(W.shape)}] for a {W.shape[0]} x {W.shape[1]} weight")
 
 
 def _split_truncated(U: Tensor, sigma: Tensor, Vh: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -35,7 +30,7 @@ def _split_truncated(U: Tensor, sigma: Tensor, Vh: Tensor, k: int) -> tuple[Tens
 
 def svd_factors(W: Tensor, k: int, precision: torch.dtype = SVD_PRECISION) -> tuple[Tensor, Tensor]:
     """Truncated SVD of W alone: minimises ‖W − W'‖_F but ignores the inputs (activation-unaware)."""
-    _check_rank(W, k)
+    check_rank(W.shape[0], W.shape[1], k)
     U, sigma, Vh = torch.linalg.svd(W.to(dtype=precision), full_matrices=False)  # (m, r), (r,), (r, n)
     return _split_truncated(U, sigma, Vh, k)
 
@@ -57,7 +52,7 @@ def asvd_factors(
     A diagonal scaling only weights channels by their typical magnitude; it ignores input correlations,
     so it is not optimal for ‖W X − W' X‖ (Swift-SVD and SVD-LLM are).
     """
-    _check_rank(W, k)
+    check_rank(W.shape[0], W.shape[1], k)
     s = asvd_scaling(mean_abs_x, alpha, precision)  # (n,)
     U, sigma, Vh = torch.linalg.svd(W.to(dtype=precision) * s, full_matrices=False)
     A, B = _split_truncated(U, sigma, Vh, k)
@@ -87,7 +82,7 @@ def svd_llm_factors(
     where the Cholesky and inverse run: their code runs them in float64 and the SVD in float32, i.e.
     precision=float32, cholesky_precision=float64; the paper's FP32 stability table runs all in float32.
     """
-    _check_rank(W, k)
+    check_rank(W.shape[0], W.shape[1], k)
     chol_dtype = precision if cholesky_precision is None else cholesky_precision
     G_ = G.to(dtype=chol_dtype)  # (n, n)
     shifted = False

@@ -51,6 +51,12 @@ def uniform_rank(m: int, n: int, ratio: float) -> int:
     return max(0, math.floor(m * n / (m + n) * ratio + RANK_FLOOR_SLACK))
 
 
+def check_rank(m: int, n: int, k: int) -> None:
+    """A rank-k factorisation of an (m, n) weight needs 0 <= k <= min(m, n)."""
+    if not 0 <= k <= min(m, n):
+        raise ValueError(f"rank {k} outside [0, {min(m, n)}] for a {m} x {n} weight")
+
+
 def _symmetric(A: Tensor) -> Tensor:
     """(A + Aᵀ)/2: eigh reads one triangle only, so make rounding asymmetry harmless and explicit."""
     return (A + A.T) * 0.5
@@ -109,8 +115,7 @@ def eigenbasis(
     """
     m, n = W.shape
     k = break_even_rank(m, n) if k is None else k
-    if not 0 <= k <= min(m, n):
-        raise ValueError(f"rank {k} outside [0, {min(m, n)}] for a {m} x {n} weight")
+    check_rank(m, n, k)
     W_ = W.to(dtype=precision)  # (m, n)
     if m <= n:
         C = _symmetric(W_ @ G.to(dtype=precision) @ W_.T)  # (m, m)
@@ -171,6 +176,12 @@ def predicted_loss(eigenvalues: Tensor) -> Tensor:
     lam = eigenvalues.to(dtype=torch.float64).clamp_min(0)
     tail = lam.flip(0).cumsum(0).flip(0)  # (len,)
     return torch.cat([tail, tail.new_zeros(1)])
+
+
+def loss_at_rank(eigenvalues: Tensor, k: int) -> float:
+    """Σ_{i>k} λ_i, the minimal ‖W X − W_k X‖²_F at rank k (0 once k covers the whole spectrum)."""
+    curve = predicted_loss(eigenvalues)  # (len + 1,)
+    return float(curve[min(k, curve.numel() - 1)])
 
 
 def effective_rank(eigenvalues: Tensor) -> float:

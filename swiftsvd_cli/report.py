@@ -19,7 +19,7 @@ import torch
 
 from swiftsvd_cli.artifacts import CalibrationManifest, atomic_write_text
 from swiftsvd_cli.errors import SwiftSVDError
-from swiftsvd_cli.linalg import normalized_effective_rank, predicted_loss, uniform_rank
+from swiftsvd_cli.linalg import loss_at_rank, normalized_effective_rank, uniform_rank
 from swiftsvd_cli.plan import RankPlan
 
 logger = logging.getLogger("swiftsvd")
@@ -57,10 +57,8 @@ def pearson(xs: Sequence[float], ys: Sequence[float]) -> float:
 
 def relative_loss_at(eigenvalues: torch.Tensor, m: int, n: int, ratio: float) -> float:
     """‖W X − W' X‖² / ‖W X‖² at the uniform rank for `ratio`: the share of output energy that is lost."""
-    curve = predicted_loss(eigenvalues)
-    total = float(curve[0])
-    k = min(uniform_rank(m, n, ratio), curve.numel() - 1)
-    return float(curve[k]) / total if total > 0 else 0.0
+    total = loss_at_rank(eigenvalues, 0)
+    return loss_at_rank(eigenvalues, uniform_rank(m, n, ratio)) / total if total > 0 else 0.0
 
 
 def _modules(spectra: Spectra) -> list[str]:
