@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from swiftsvd_cli import __version__
+from swiftsvd_cli.allocation import parameter_count
+from swiftsvd_cli.architectures import matrix_kind
 from swiftsvd_cli.artifacts import FORMAT_VERSION, ModelInfo, atomic_write_json, read_json, utc_now
 from swiftsvd_cli.errors import SwiftSVDError
 
@@ -29,12 +31,11 @@ class ModulePlan:
 
     @property
     def kind(self) -> str:
-        """The matrix type (q_proj, ..., down_proj): Algorithm 2 allocates within one type."""
-        return self.module.rpartition(".")[2]
+        return matrix_kind(self.module)
 
     @property
     def params(self) -> int:
-        return self.m * self.n if self.dense else self.rank * (self.m + self.n)
+        return parameter_count(self.m, self.n, self.rank)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from swiftsvd_cli.architectures import matrix_kind
 from swiftsvd_cli.artifacts import CalibrationManifest, atomic_write_text
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.linalg import loss_at_rank, normalized_effective_rank, uniform_rank
@@ -38,11 +39,6 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def kind(module: str) -> str:
-    """q_proj, ..., down_proj: the matrix type Algorithm 2 allocates within."""
-    return module.rpartition(".")[2]
 
 
 def pearson(xs: Sequence[float], ys: Sequence[float]) -> float:
@@ -98,7 +94,7 @@ def plot_spectra(spectra: Spectra, path: Path) -> Path:
             if lam.numel() == 0 or float(lam[0]) <= 0:
                 continue
             ax.semilogy((lam / lam[0]).clamp_min(1e-12).numpy(), color=cmap(layer / max(1, len(layers) - 1)), lw=0.8)
-        ax.set_title(kind(module), fontsize=9)
+        ax.set_title(matrix_kind(module), fontsize=9)
         ax.set_xlabel("index i", fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0].set_ylabel("λ_i / λ_1", fontsize=8)
@@ -117,8 +113,8 @@ def plot_ner_importance(spectra: Spectra, importance: Sequence[float], path: Pat
     for module in modules:
         ner = [normalized_effective_rank(spectra[(i, module)]) for i in layers]
         r = pearson(ner, beta)
-        left.plot(layers, ner, marker=".", lw=1, label=kind(module))
-        right.scatter(beta, ner, s=12, label=f"{kind(module)} (r = {r:+.2f})")
+        left.plot(layers, ner, marker=".", lw=1, label=matrix_kind(module))
+        right.scatter(beta, ner, s=12, label=f"{matrix_kind(module)} (r = {r:+.2f})")
     twin = left.twinx()
     twin.plot(layers, beta, color="black", ls="--", lw=1.2, label="importance")
     twin.set_ylabel("layer importance (BI)")
@@ -244,7 +240,7 @@ def summarise_types(
         }
         out.append(
             TypeSummary(
-                kind=kind(module),
+                kind=matrix_kind(module),
                 shape=(m, n),
                 mean_ner=sum(ner) / len(ner),
                 lowest_ner_layer=layers[min(range(len(ner)), key=ner.__getitem__)],
