@@ -27,7 +27,7 @@ from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.log import progress
 from swiftsvd_cli.lowrank import LowRankLinear, replace_module
 from swiftsvd_cli.methods import FactorSource, check_method
-from swiftsvd_cli.models import ModelSource, resolve_dtype
+from swiftsvd_cli.models import ModelSource, checkpoint_dtype, resolve_dtype
 from swiftsvd_cli.plan import RankPlan
 
 logger = logging.getLogger("swiftsvd")
@@ -152,8 +152,7 @@ def load_compressed(path: str | Path, dtype: str = "auto", device: str = "cpu") 
     section = getattr(config, "swiftsvd", None)
     if not isinstance(section, dict) or section.get("format_version") != FORMAT_VERSION:
         raise SwiftSVDError(f"{path} is not a swiftsvd-compressed directory of format {FORMAT_VERSION}")
-    checkpoint_dtype = getattr(config, "dtype", None)
-    torch_dtype = resolve_dtype(dtype, device, checkpoint_dtype if isinstance(checkpoint_dtype, torch.dtype) else None)
+    torch_dtype = resolve_dtype(dtype, device, checkpoint_dtype(config))
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)  # type: ignore[no-untyped-call]
     for name, rank in section["ranks"].items():

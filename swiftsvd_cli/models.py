@@ -40,6 +40,14 @@ def resolve_dtype(dtype: str, device: str, checkpoint_dtype: torch.dtype | None)
     return checkpoint_dtype
 
 
+def checkpoint_dtype(config: Any) -> torch.dtype | None:
+    """The dtype a config says its weights are stored in (transformers keeps either a str or a torch.dtype)."""
+    value = getattr(config, "dtype", None)
+    if isinstance(value, str):
+        return DTYPES.get(value)
+    return value if isinstance(value, torch.dtype) else None
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -116,10 +124,7 @@ def load_model(
 
         model, tokenizer = load_compressed(location, dtype=dtype, device=device)
     else:
-        checkpoint_dtype = getattr(config, "dtype", None)
-        if isinstance(checkpoint_dtype, str):
-            checkpoint_dtype = DTYPES.get(checkpoint_dtype)
-        torch_dtype = resolve_dtype(dtype, device, checkpoint_dtype)
+        torch_dtype = resolve_dtype(dtype, device, checkpoint_dtype(config))
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 location, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra

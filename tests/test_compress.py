@@ -201,3 +201,16 @@ def test_bad_inputs(work: Path, trained_llama_dir: Path, tiny_llama_dir: Path, t
         assert message in result.output and "Traceback" not in result.output, (case, result.output)
     assert (existing / "keep.txt").read_text() == "mine"
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_checkpoint_dtype_reads_both_spellings() -> None:
+    """transformers keeps config.dtype as a str or a torch.dtype; `auto` on a GPU must honour either."""
+    from types import SimpleNamespace
+
+    from swiftsvd_cli.models import checkpoint_dtype, resolve_dtype
+
+    assert checkpoint_dtype(SimpleNamespace(dtype="bfloat16")) == torch.bfloat16
+    assert checkpoint_dtype(SimpleNamespace(dtype=torch.float16)) == torch.float16
+    assert checkpoint_dtype(SimpleNamespace()) is None
+    assert resolve_dtype("auto", "cuda", checkpoint_dtype(SimpleNamespace(dtype="bfloat16"))) == torch.bfloat16
+    assert resolve_dtype("auto", "cpu", torch.bfloat16) == torch.float32
