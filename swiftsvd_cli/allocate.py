@@ -93,6 +93,27 @@ def load_matching_model(manifest: CalibrationManifest, spec: str | None, device:
     return loaded
 
 
+@dataclass(frozen=True)
+class CalibratedSpectra:
+    """A WORK's model and the spectrum of every target linear: what plans and reports are made from."""
+
+    loaded: LoadedModel
+    spec: ArchSpec
+    eigenvalues: dict[tuple[int, str], torch.Tensor]  # (layer, module) -> all eigenvalues of C
+    shapes: dict[str, tuple[int, int]]  # module -> (m, n), the same in every layer
+    computed: list[int]  # layers eigendecomposed by this call (the others were cached)
+
+
+def load_spectra(work: Path, manifest: CalibrationManifest, model: str | None, device: str) -> CalibratedSpectra:
+    """Load the calibrated model, eigendecompose the layers not cached yet, and read every spectrum."""
+    loaded = load_matching_model(manifest, model, device)
+    spec = arch_for(loaded.model.config)
+    computed = ensure_eigenbases(work, manifest, loaded.model, spec, device)
+    linears = target_linears(decoder_layers(loaded.model, spec)[0], spec)
+    shapes = {name: (linear.out_features, linear.in_features) for name, linear in linears.items()}
+    return CalibratedSpectra(loaded, spec, read_eigenvalues(work, manifest, spec), shapes, computed)
+
+
 def plan_ranks(
     spectra: dict[tuple[int, str], torch.Tensor],
     shapes: dict[str, tuple[int, int]],
@@ -160,12 +181,8 @@ def run_allocate(options: AllocateOptions) -> AllocationResult:
     if path.exists() and not options.force:
         raise SwiftSVDError(f"plan {path} exists: pass --force to replace it or --name to write another")
     device = options.device or default_device()
-    loaded = load_matching_model(manifest, options.model, device)
-    spec = arch_for(loaded.model.config)
-    computed = ensure_eigenbases(work, manifest, loaded.model, spec, device)
-    spectra = read_eigenvalues(work, manifest, spec)
-    linears = target_linears(decoder_layers(loaded.model, spec)[0], spec)
-    shapes = {name_: (linear.out_features, linear.in_features) for name_, linear in linears.items()}
+    calibrated = load_spectra(work, manifest, options.model, device)
+    loaded, spec, spectra, shapes = calibrated.loaded, calibrated.spec, calibrated.eigenvalues, calibrated.shapes
     importance = manifest.importance()
 
     def plan_for(alpha: float) -> RankMap:
@@ -197,7 +214,9 @@ def run_allocate(options: AllocateOptions) -> AllocationResult:
         validation=validation,
     )
     plan.save(path)
-    return AllocationResult(plan=plan, path=path, eigen_computed=computed, seconds=time.perf_counter() - start)
+    return AllocationResult(
+        plan=plan, path=path, eigen_computed=calibrated.computed, seconds=time.perf_counter() - start
+    )
 
 
 def module_plan(

@@ -320,34 +320,18 @@ class ReportResult:
     types: list[TypeSummary]
 
 
-def _spectra_and_shapes(
-    options: ReportOptions, manifest: CalibrationManifest
-) -> tuple[dict[tuple[int, str], torch.Tensor], dict[str, tuple[int, int]]]:
-    """The cached spectra; missing eigenbases are computed (and cached in WORK) once, which needs the model."""
-    from swiftsvd_cli.allocate import load_matching_model
-    from swiftsvd_cli.architectures import arch_for, decoder_layers, target_linears
-    from swiftsvd_cli.eigen import ensure_eigenbases, read_eigenvalues
-    from swiftsvd_cli.models import default_device
-
-    device = options.device or default_device()
-    loaded = load_matching_model(manifest, options.model, device)
-    spec = arch_for(loaded.model.config)
-    ensure_eigenbases(options.work, manifest, loaded.model, spec, device)
-    linears = target_linears(decoder_layers(loaded.model, spec)[0], spec)
-    shapes = {name: (linear.out_features, linear.in_features) for name, linear in linears.items()}
-    return read_eigenvalues(options.work, manifest, spec), shapes
-
-
 def run_report(options: ReportOptions) -> ReportResult:
     """Write OUT/README.md and the PNGs for the calibration in `options.work` (and a plan, if given)."""
-    from swiftsvd_cli.allocate import load_complete_manifest
+    from swiftsvd_cli.allocate import load_complete_manifest, load_spectra
+    from swiftsvd_cli.models import default_device
 
     pyplot()  # fail before any slow work if matplotlib is missing
     manifest = load_complete_manifest(options.work)
     plan = RankPlan.load(options.plan) if options.plan is not None else None
     if plan is not None and plan.model.fingerprint != manifest.model.fingerprint:
         raise SwiftSVDError(f"plan {options.plan} belongs to another model than {options.work}")
-    spectra, shapes = _spectra_and_shapes(options, manifest)
+    calibrated = load_spectra(options.work, manifest, options.model, options.device or default_device())
+    spectra, shapes = calibrated.eigenvalues, calibrated.shapes
     importance = manifest.importance()
     out = options.out
     figures = [
