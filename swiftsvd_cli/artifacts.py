@@ -94,13 +94,8 @@ def write_shard(root: Path, relative: str, tensors: dict[str, torch.Tensor]) -> 
     return Shard(file=relative, sha256=sha256_file(path), bytes=path.stat().st_size)
 
 
-def shard_is_valid(root: Path, shard: Shard) -> bool:
-    path = root / shard.file
-    return path.is_file() and path.stat().st_size == shard.bytes and sha256_file(path) == shard.sha256
-
-
-def read_shard(root: Path, shard: Shard, *, verify: bool = True) -> dict[str, torch.Tensor]:
-    """Load a shard after checking it is the file the manifest recorded.
+def check_shard(root: Path, shard: Shard, *, verify: bool = True) -> Path:
+    """The shard's path, once it is known to be the file the manifest recorded (size, then SHA-256).
 
     `verify=False` checks only the size: for re-reads of a shard already hashed in the same run (hashing
     multi-GB eigenbases on every α candidate would cost more than the search itself).
@@ -109,7 +104,21 @@ def read_shard(root: Path, shard: Shard, *, verify: bool = True) -> dict[str, to
     if not path.is_file():
         raise SwiftSVDError(f"missing shard {path}: rerun the stage that writes it")
     if path.stat().st_size != shard.bytes or (verify and sha256_file(path) != shard.sha256):
-        raise SwiftSVDError(f"corrupt shard {path} (checksum mismatch): delete it and rerun to recompute it")
+        raise SwiftSVDError(f"corrupt shard {path} (size or checksum mismatch): delete it and rerun to recompute it")
+    return path
+
+
+def shard_is_valid(root: Path, shard: Shard) -> bool:
+    try:
+        check_shard(root, shard)
+    except SwiftSVDError:
+        return False
+    return True
+
+
+def read_shard(root: Path, shard: Shard, *, verify: bool = True) -> dict[str, torch.Tensor]:
+    """Load a shard after `check_shard`."""
+    path = check_shard(root, shard, verify=verify)
     try:
         return load_file(str(path))
     except SafetensorError as error:

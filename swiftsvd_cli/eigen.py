@@ -60,9 +60,7 @@ def read_eigenvalues(work: Path, manifest: CalibrationManifest, spec: ArchSpec) 
     """All spectra, (layer, module) -> eigenvalues, read without loading the eigenvectors."""
     spectra: dict[tuple[int, str], torch.Tensor] = {}
     for index, shard in sorted(manifest.eigen.items()):
-        path = work / shard.file
-        if not artifacts.shard_is_valid(work, shard):
-            artifacts.read_shard(work, shard)  # raises the precise error (missing / corrupt)
+        path = artifacts.check_shard(work, shard)
         with safe_open(str(path), framework="pt") as handle:
             for name in spec.modules:
                 spectra[(index, name)] = handle.get_tensor(f"{name}.eigenvalues")
