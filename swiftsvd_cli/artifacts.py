@@ -39,6 +39,17 @@ def umask() -> int:
     return mask
 
 
+def make_temp_dir(parent: Path, name: str) -> Path:
+    """A temp folder beside `parent / name` to build a directory in before renaming it into place.
+
+    Created with the permissions a plain mkdir gives (mkdtemp's 0700 would hide a shared model from teammates).
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}."))
+    os.chmod(tmp, 0o777 & ~umask())
+    return tmp
+
+
 def _atomic_write(path: Path, write: Any) -> None:
     """Call `write(tmp_path)` on a temp file in the target's folder, then rename it over the target."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,10 +8,8 @@ by the rank map, then loads the tensors: the model in memory really is smaller.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,7 @@ import torch
 from swiftsvd_cli import __version__
 from swiftsvd_cli.allocate import check_ratio, load_complete_manifest
 from swiftsvd_cli.architectures import arch_for, decoder_layers, target_linears
-from swiftsvd_cli.artifacts import FORMAT_VERSION, sha256_file
+from swiftsvd_cli.artifacts import FORMAT_VERSION, atomic_write_json, make_temp_dir, sha256_file
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.log import progress
 from swiftsvd_cli.lowrank import LowRankLinear, replace_module
@@ -122,14 +120,13 @@ def run_compress(options: CompressOptions) -> CompressResult:
             "tool_version": __version__,
             "base_model": plan.model.model_id,
         }
-        (options.out / "swiftsvd.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        atomic_write_json(options.out / "swiftsvd.json", provenance)
     return CompressResult(options.out, plan, before, count_parameters(model), time.perf_counter() - start)
 
 
 def save_directory(model: Any, tokenizer: Any, out: Path) -> None:
     """save_pretrained into a temp dir beside `out`, then swap it in: `out` is never half-written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tmp = make_temp_dir(out.parent, out.name)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from swiftsvd_cli.artifacts import atomic_write_text, sha256_file, umask
+from swiftsvd_cli.artifacts import atomic_write_text, make_temp_dir, sha256_file
 from swiftsvd_cli.errors import SwiftSVDError
 
 log = logging.getLogger("swiftsvd")
@@ -225,14 +225,10 @@ def demo_model_dir() -> Path:
     if (target / "config.json").is_file():
         return target  # the directory appears only by an atomic rename, so its presence means it is complete
     gguf = gguf_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{DEMO_MODEL_NAME}-"))
+    tmp = make_temp_dir(target.parent, DEMO_MODEL_NAME)
     try:
         _convert_gguf(gguf, tmp)
-        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700
-        for file in tmp.iterdir():
-            os.chmod(file, 0o666 & ~umask())
         if target.exists() and not (target / "config.json").is_file():
             shutil.rmtree(target)  # left by hand or by an older tool: not ours to trust
         try:

@@ -214,3 +214,11 @@ def test_checkpoint_dtype_reads_both_spellings() -> None:
     assert checkpoint_dtype(SimpleNamespace()) is None
     assert resolve_dtype("auto", "cuda", checkpoint_dtype(SimpleNamespace(dtype="bfloat16"))) == torch.bfloat16
     assert resolve_dtype("auto", "cpu", torch.bfloat16) == torch.float32
+
+
+def test_output_directory_has_plain_mkdir_permissions(work: Path, trained_llama_dir: Path, tmp_path: Path) -> None:
+    """Built in a temp dir and renamed: it must not keep mkdtemp's 0700 (teammates could not read the model)."""
+    from swiftsvd_cli.artifacts import umask
+
+    out = compress_to(trained_llama_dir, plan_for(work, 0.6), tmp_path / "out")
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask()
