@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from swiftsvd_cli import __version__, report
+from swiftsvd_cli import report
 from swiftsvd_cli.allocate import AllocateOptions, load_matching_model, reconstructed, run_allocate
 from swiftsvd_cli.architectures import ArchSpec, arch_for, decoder_layers, target_linears
 from swiftsvd_cli.artifacts import CalibrationManifest, atomic_write_json, atomic_write_text, read_shard
@@ -40,6 +40,7 @@ from swiftsvd_cli.calibrate import CalibrateOptions, run_calibrate
 from swiftsvd_cli.data import calibration_windows, load_text, tokenize
 from swiftsvd_cli.eigen import ensure_eigenbases, read_eigenvalues
 from swiftsvd_cli.errors import SwiftSVDError
+from swiftsvd_cli.evaluate import software_versions
 from swiftsvd_cli.linalg import factorize, group_eigenbases, uniform_rank
 from swiftsvd_cli.log import setup_logging
 from swiftsvd_cli.methods import METHODS, FactorSource
@@ -86,8 +87,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def machine_info() -> dict[str, Any]:
     """What the times depend on: CPU, cores, threads, memory, software versions."""
-    import transformers
-
     cpu = platform.processor()
     meminfo = Path("/proc/meminfo")
     cpuinfo = Path("/proc/cpuinfo")
@@ -102,10 +101,7 @@ def machine_info() -> dict[str, Any]:
         "memory": memory,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "swiftsvd": __version__,
+        **software_versions(),
         "git_commit": _git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -23,7 +23,7 @@ from swiftsvd_cli.allocation import (
     minimal_loss_at_uniform,
 )
 from swiftsvd_cli.architectures import ArchSpec, arch_for, decoder_layers, target_linears
-from swiftsvd_cli.artifacts import CalibrationManifest
+from swiftsvd_cli.artifacts import MANIFEST, CalibrationManifest
 from swiftsvd_cli.data import load_text, tokenize
 from swiftsvd_cli.eigen import ensure_eigenbases, read_eigenvalues
 from swiftsvd_cli.errors import SwiftSVDError
@@ -71,7 +71,7 @@ def check_ratio(ratio: float) -> None:
 
 
 def load_complete_manifest(work: Path) -> CalibrationManifest:
-    if not (work / "manifest.json").is_file():
+    if not (work / MANIFEST).is_file():
         raise SwiftSVDError(f"{work} has no calibration (manifest.json): run `swiftsvd calibrate MODEL --out {work}`")
     manifest = CalibrationManifest.load(work)
     if not manifest.complete:
@@ -144,7 +144,7 @@ def plan_ranks(
 @contextmanager
 def reconstructed(model: nn.Module, spec: ArchSpec, ranks: RankMap, factors_of: FactorSource) -> Iterator[None]:
     """Temporarily replace each factored weight by its dense rank-k reconstruction A B."""
-    saved: dict[tuple[int, str], torch.Tensor] = {}
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []  # (weight, its original values)
     try:
         for index, layer in enumerate(decoder_layers(model, spec)):
             linears = target_linears(layer, spec)
@@ -155,14 +155,14 @@ def reconstructed(model: nn.Module, spec: ArchSpec, ranks: RankMap, factors_of: 
             }
             for name, (A, B) in factors_of(index, linears, wanted).items():
                 weight = linears[name].weight
-                saved[(index, name)] = weight.detach().clone()
+                saved.append((weight, weight.detach().clone()))
                 with torch.no_grad():
                     weight.copy_((A @ B).to(weight.dtype))
         yield
     finally:
-        for (index, name), weight in saved.items():
-            with torch.no_grad():
-                target_linears(decoder_layers(model, spec)[index], spec)[name].weight.copy_(weight)
+        with torch.no_grad():
+            for weight, original in saved:
+                weight.copy_(original)
 
 
 def run_allocate(options: AllocateOptions) -> AllocationResult:

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from swiftsvd_cli import __version__
 from swiftsvd_cli.errors import SwiftSVDError
+from swiftsvd_cli.eval_table import human_bytes
 from swiftsvd_cli.log import console, setup_logging
 
 app = typer.Typer(
@@ -77,14 +78,6 @@ def main(
     """
 
 
-def _size(num_bytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if num_bytes < 1024 or unit == "GiB":
-            return f"{num_bytes:.1f} {unit}"
-        num_bytes /= 1024
-    return f"{num_bytes:.1f} GiB"
-
-
 @app.command()
 @user_errors
 def calibrate(
@@ -127,7 +120,7 @@ def calibrate(
     table.add_row("tokens", f"{manifest.layers[0].tokens:,} ({manifest.settings.samples} x {manifest.settings.seqlen})")
     table.add_row("data", manifest.settings.data_id)
     table.add_row("time", f"{result.seconds:.1f} s")
-    table.add_row("disk", _size(result.disk_bytes))
+    table.add_row("disk", human_bytes(result.disk_bytes))
     table.add_row("importance", f"{min(importance):.4f} .. {max(importance):.4f}")
     table.add_row("output", str(out))
     console.print(table)
@@ -367,7 +360,7 @@ def eval_(
 @user_errors
 def report(
     work: Annotated[Path, typer.Argument(help="WORK directory written by `swiftsvd calibrate`.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the plots and summary.md.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the plots and README.md summary.")],
     plan: Annotated[Path | None, typer.Option(help="Also plot this rank plan's ranks per layer.")] = None,
     model: Annotated[str | None, typer.Option(help="Model, if WORK has no eigenbases yet and it moved.")] = None,
     device: DeviceOpt = None,
@@ -409,6 +402,6 @@ def env() -> None:
     table.add_row("cuda", str(torch.version.cuda) if torch.cuda.is_available() else "not available")
     for index in range(torch.cuda.device_count()):
         properties = torch.cuda.get_device_properties(index)
-        table.add_row(f"cuda:{index}", f"{properties.name}, {_size(properties.total_memory)}")
+        table.add_row(f"cuda:{index}", f"{properties.name}, {human_bytes(properties.total_memory)}")
     table.add_row("cpu threads", str(torch.get_num_threads()))
     console.print(table)

@@ -18,6 +18,7 @@ from swiftsvd_cli.errors import SwiftSVDError
 
 Split = Literal["train", "test"]
 PERPLEXITY_DATASETS = ("wikitext2", "ptb", "c4", "demo")
+TEXT_SUFFIXES = (".txt", ".jsonl")  # local text files: plain text, or one {"text": ...} object per line
 C4_FILES = {"train": "en/c4-train.00000-of-01024.json.gz", "test": "en/c4-validation.00000-of-00008.json.gz"}
 C4_DOCUMENTS = {"train": 20000, "test": 256}
 
@@ -84,15 +85,10 @@ def load_text(name: str, split: Split) -> TextSource:
     if name in PERPLEXITY_DATASETS:
         return TextSource(id=f"{name}:{split}", text=_hub_text(name, split))
     path = Path(name).expanduser()
-    if path.suffix not in {".txt", ".jsonl"}:
+    if path.suffix not in TEXT_SUFFIXES:
         valid = ", ".join(PERPLEXITY_DATASETS)
         raise SwiftSVDError(f"unknown data '{name}': use one of {valid} or a .txt/.jsonl file")
     return TextSource(id=f"file:{path.resolve()}", text=_file_text(path))
-
-
-def eval_text(name: str) -> TextSource:
-    """The held-out text perplexity is measured on."""
-    return load_text(name, "test")
 
 
 def tokenize(tokenizer: Any, text: str) -> torch.Tensor:

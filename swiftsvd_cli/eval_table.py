@@ -22,7 +22,7 @@ def _human(value: float, unit: str = "") -> str:
     return f"{value:.0f}"
 
 
-_bytes = functools.partial(_human, unit="B")
+human_bytes = functools.partial(_human, unit="B")
 
 
 def _rows(report: EvalReport) -> list[tuple[str, list[float | None], Any]]:
@@ -48,12 +48,12 @@ def _rows(report: EvalReport) -> list[tuple[str, list[float | None], Any]]:
             )
     add("params", [t.size.get("params_total") for t in targets], _human)
     add("params in target linears", [t.size.get("params_target_linear") for t in targets], _human)
-    add("weights in memory", [t.size.get("weights_bytes") for t in targets], _bytes)
-    add("checkpoint", [t.size.get("checkpoint_bytes") for t in targets], _bytes)
+    add("weights in memory", [t.size.get("weights_bytes") for t in targets], human_bytes)
+    add("checkpoint", [t.size.get("checkpoint_bytes") for t in targets], human_bytes)
     for key, label, fmt in (
         ("prefill_tokens_per_s", "prefill tok/s", "{:.1f}".format),
         ("decode_tokens_per_s", "decode tok/s", "{:.1f}".format),
-        ("peak_memory_bytes", _peak_label(targets), _bytes),
+        ("peak_memory_bytes", _peak_label(targets), human_bytes),
     ):
         add(label, [(t.speed or {}).get(key) for t in targets], fmt)
     return rows

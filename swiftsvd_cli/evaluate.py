@@ -24,7 +24,6 @@ from swiftsvd_cli.zeroshot import TASK_ALIASES, ZERO_SHOT_TASKS, canonical_task
 logger = logging.getLogger("swiftsvd")
 
 FORMAT_VERSION = 1
-TEXT_SUFFIXES = (".txt", ".jsonl")
 
 
 @dataclass(frozen=True)
@@ -92,7 +91,7 @@ def classify_tasks(names: list[str], include_path: Path | None = None) -> tuple[
 
     Runs before any model is loaded, so a typo costs a second, not a model load.
     """
-    from swiftsvd_cli.data import PERPLEXITY_DATASETS
+    from swiftsvd_cli.data import PERPLEXITY_DATASETS, TEXT_SUFFIXES
 
     perplexity: list[str] = []
     zero_shot: list[str] = []
@@ -166,7 +165,7 @@ def _release_memory() -> None:
         pass
 
 
-def _versions() -> dict[str, str | None]:
+def software_versions() -> dict[str, str | None]:
     import torch
     import transformers
 
@@ -251,14 +250,14 @@ def _measure(loaded: Any, options: EvalOptions, texts: dict[str, Any], prepared:
 def evaluate(options: EvalOptions) -> EvalReport:
     """Evaluate every target on every task (and benchmark it if asked); write the JSON report if asked."""
     from swiftsvd_cli.artifacts import atomic_write_json, utc_now
-    from swiftsvd_cli.data import eval_text
+    from swiftsvd_cli.data import load_text
     from swiftsvd_cli.models import default_device
     from swiftsvd_cli.zeroshot import prepare_tasks
 
     _check_options(options)
     ppl_names, zs_names = classify_tasks(split_tasks(options.tasks), options.task_include_path)
     device = options.device or default_device()
-    texts = {name: eval_text(name) for name in ppl_names}  # offline hub datasets fail here, before any model
+    texts = {name: load_text(name, "test") for name in ppl_names}  # offline hub datasets fail here, before any model
     prepared = prepare_tasks(zs_names, options.task_include_path)
 
     targets = [_evaluate_target(spec, options, device, texts, prepared) for spec in options.targets]
@@ -282,7 +281,7 @@ def evaluate(options: EvalOptions) -> EvalReport:
         "batch_size": options.batch_size,
         "dtype": options.dtype,
         "device": device,
-        "versions": _versions(),
+        "versions": software_versions(),
     }
     report = EvalReport(protocol=protocol, targets=targets, zero_shot_skipped=prepared.skipped, created=utc_now())
     _warn_incomparable(report)

@@ -40,13 +40,8 @@ class FactorSource:
     """
 
     def __init__(self, method: str, work: Path, manifest: CalibrationManifest, spec: ArchSpec, device: str) -> None:
-        self.method, self.work, self.manifest, self.spec, self.device = (
-            check_method(method),
-            work,
-            manifest,
-            spec,
-            device,
-        )
+        self.method = check_method(method)
+        self.work, self.manifest, self.spec, self.device = work, manifest, spec, device
         self._verified: set[str] = set()
 
     def _read(self, shard: artifacts.Shard) -> dict[str, torch.Tensor]:

@@ -38,10 +38,8 @@ def canonical_task(name: str) -> str:
 
 def lm_eval_version() -> str | None:
     """The installed lm-eval version, or None when the extra is not installed."""
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-    except ImportError:  # pragma: no cover - stdlib since 3.8
-        return None
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("lm_eval")
     except PackageNotFoundError:
@@ -102,14 +100,6 @@ def prepare_tasks(names: list[str], include_path: Path | None = None) -> Prepare
         return PreparedTasks(runnable=[], include_path=include_path, lm_eval_version=version)
 
     manager = _manager_for(names, include_path)
-    # TaskManager.load is the 0.4.10+ API; get_task_dict the older one (deprecated since).
-    load = getattr(manager, "load", None)
-    if load is None:
-        from lm_eval.tasks import get_task_dict
-
-        def load(specs: list[str]) -> Any:
-            return get_task_dict(specs, manager)
-
     prepared = PreparedTasks(runnable=[], include_path=include_path, lm_eval_version=version, task_manager=manager)
     hub_down: str | None = None
     for name in names:
@@ -119,7 +109,7 @@ def prepare_tasks(names: list[str], include_path: Path | None = None) -> Prepare
             logger.warning("Zero-shot task %s skipped: %s.", name, hub_down)
             continue
         try:
-            load([name])  # builds the task, which loads its dataset: where an offline machine fails
+            manager.load([name])  # builds the task, which loads its dataset: where an offline machine fails
         except Exception as exc:  # noqa: BLE001 - any loading failure means "skip with the reason", by design
             reason = f"could not load the task or its dataset ({_first_line(exc)})"
             logger.warning("Zero-shot task %s skipped: %s.", name, reason)
