@@ -28,26 +28,28 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import bench_plots
 import torch
 from rich.console import Console
+from stability import PAPER_TABLE5, stability_table
 
-from swiftsvd_cli import report
-from swiftsvd_cli.allocate import AllocateOptions, load_matching_model, reconstructed, run_allocate
-from swiftsvd_cli.architectures import ArchSpec, arch_for, decoder_layers, target_linears
-from swiftsvd_cli.artifacts import CalibrationManifest, atomic_write_json, atomic_write_text, read_shard
-from swiftsvd_cli.baselines import asvd_factors, svd_factors, svd_llm_factors
-from swiftsvd_cli.calibrate import CalibrateOptions, run_calibrate
-from swiftsvd_cli.data import calibration_windows, load_text, tokenize
-from swiftsvd_cli.eigen import ensure_eigenbases, read_eigenvalues
+from swiftsvd_cli import figures
+from swiftsvd_cli.artifacts.manifest import CalibrationManifest
+from swiftsvd_cli.artifacts.plan import RankPlan
+from swiftsvd_cli.artifacts.provenance import software_versions
+from swiftsvd_cli.artifacts.store import atomic_write_json, atomic_write_text, read_shard
+from swiftsvd_cli.core.baselines import asvd_factors, svd_factors, svd_llm_factors
+from swiftsvd_cli.core.linalg import factorize, group_eigenbases, uniform_rank
+from swiftsvd_cli.data.text import calibration_windows, load_text, tokenize
+from swiftsvd_cli.engine.eigen import ensure_eigenbases, load_matching_model, read_eigenvalues
+from swiftsvd_cli.engine.factors import METHODS, FactorSource, reconstructed
 from swiftsvd_cli.errors import SwiftSVDError
-from swiftsvd_cli.evaluate import software_versions
-from swiftsvd_cli.linalg import factorize, group_eigenbases, uniform_rank
 from swiftsvd_cli.log import setup_logging
-from swiftsvd_cli.methods import METHODS, FactorSource
-from swiftsvd_cli.models import ModelSource
-from swiftsvd_cli.perplexity import perplexity
-from swiftsvd_cli.plan import RankPlan
-from swiftsvd_cli.stability import PAPER_TABLE5, stability_table
+from swiftsvd_cli.metrics.perplexity import perplexity
+from swiftsvd_cli.model.architectures import ArchSpec, arch_for, decoder_layers, target_linears
+from swiftsvd_cli.model.loading import ModelSource
+from swiftsvd_cli.stages.allocate import AllocateOptions, run_allocate
+from swiftsvd_cli.stages.calibrate import CalibrateOptions, run_calibrate
 
 console = Console()
 ROOT = Path(__file__).resolve().parents[1]
@@ -414,13 +416,13 @@ def plots(result: dict[str, Any], spectra: Any, importance: list[float], plan: R
         "calibration": timing["calibration_s"],
     }
     paths = [
-        report.plot_perplexity(curves, result["perplexity"][0]["ppl_eval"], out / "perplexity.png"),
-        report.plot_timing(stages, reference, out / "timing.png"),
-        report.plot_spectra(spectra, out / "spectra.png"),
-        report.plot_ner_importance(spectra, importance, out / "ner_importance.png"),
+        bench_plots.plot_perplexity(curves, result["perplexity"][0]["ppl_eval"], out / "perplexity.png"),
+        bench_plots.plot_timing(stages, reference, out / "timing.png"),
+        figures.plot_spectra(spectra, out / "spectra.png"),
+        figures.plot_ner_importance(spectra, importance, out / "ner_importance.png"),
     ]
     if plan is not None:
-        paths.append(report.plot_plan_ranks(plan, out / "plan_ranks.png"))
+        paths.append(figures.plot_plan_ranks(plan, out / "plan_ranks.png"))
     return [p.name for p in paths]
 
 

@@ -11,10 +11,10 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.table import Table
 
-from swiftsvd_cli import __version__
+from swiftsvd_cli import __version__, config
 from swiftsvd_cli.errors import SwiftSVDError
-from swiftsvd_cli.eval_table import human_bytes
 from swiftsvd_cli.log import console, setup_logging
+from swiftsvd_cli.tables import human_bytes, plan_table
 
 app = typer.Typer(
     name="swiftsvd",
@@ -84,10 +84,10 @@ def calibrate(
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="WORK directory for the covariance shards.")],
     data: DataOpt = "wikitext2",
-    samples: Annotated[int, typer.Option(help="Calibration windows (the field uses 256).")] = 256,
-    seqlen: Annotated[int, typer.Option(help="Tokens per window (the field uses 2048).")] = 2048,
-    seed: Annotated[int, typer.Option(help="Seed of the random window positions.")] = 3,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
+    samples: Annotated[int, typer.Option(help="Calibration windows (the field uses 256).")] = config.SAMPLES,
+    seqlen: Annotated[int, typer.Option(help="Tokens per window (the field uses 2048).")] = config.SEQLEN,
+    seed: Annotated[int, typer.Option(help="Seed of the random window positions.")] = config.SEED,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = config.BATCH_SIZE,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
     revision: RevisionOpt = None,
@@ -95,8 +95,8 @@ def calibrate(
     force: ForceOpt = False,
 ) -> None:
     """Accumulate float64 input Grams per layer and input group; resumes an interrupted run."""
-    from swiftsvd_cli.calibrate import CalibrateOptions, run_calibrate
-    from swiftsvd_cli.models import ModelSource
+    from swiftsvd_cli.model.loading import ModelSource
+    from swiftsvd_cli.stages.calibrate import CalibrateOptions, run_calibrate
 
     options = CalibrateOptions(
         source=ModelSource(model, dtype, device, revision, trust_remote_code),
@@ -148,19 +148,21 @@ def allocate(
     ratio: RatioOpt,
     strategy: StrategyOpt = "dynamic",
     alpha: AlphaOpt = None,
-    delta: Annotated[float, typer.Option(help="Guaranteed share of the uniform rank per layer (paper: 0.5).")] = 0.5,
+    delta: Annotated[
+        float, typer.Option(help="Guaranteed share of the uniform rank per layer (paper: 0.5).")
+    ] = config.DELTA,
     method: MethodOpt = "swift",
     model: Annotated[str | None, typer.Option(help="Model, if not where WORK says (e.g. moved directory).")] = None,
     val_data: Annotated[
         str | None, typer.Option(help="Text scoring the alpha grid (default: the calibration text).")
     ] = None,
-    val_samples: Annotated[int, typer.Option(help="Validation windows per alpha candidate.")] = 8,
+    val_samples: Annotated[int, typer.Option(help="Validation windows per alpha candidate.")] = config.VAL_SAMPLES,
     name: Annotated[str | None, typer.Option(help="Plan name (default ratio-R-STRATEGY).")] = None,
     device: DeviceOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing plan of that name.")] = False,
 ) -> None:
     """Eigenbases (computed once, cached in WORK) and a rank plan for a ratio: WORK/plans/NAME.json."""
-    from swiftsvd_cli.allocate import AllocateOptions, run_allocate
+    from swiftsvd_cli.stages.allocate import AllocateOptions, run_allocate
 
     result = run_allocate(
         AllocateOptions(
@@ -183,33 +185,6 @@ def allocate(
         f"plan: {result.path}  ({len(result.eigen_computed)} layers eigendecomposed, {result.seconds:.1f} s)",
         highlight=False,
     )
-
-
-def plan_table(plan: Any) -> Table:
-    """Per matrix type: rank range, mean NER, and the layers given most / least."""
-    alpha = "" if plan.alpha is None else f", alpha {plan.alpha:.1f}"
-    table = Table(
-        title=f"{plan.strategy} plan: target ratio {plan.target_ratio:.3f}, achieved {plan.achieved_ratio:.4f}{alpha}"
-    )
-    for column in ("matrix", "shape", "ranks", "dense", "mean NER", "most (layer)", "least (layer)"):
-        table.add_column(column)
-    kinds: dict[str, list[Any]] = {}
-    for module in plan.modules:
-        kinds.setdefault(module.kind, []).append(module)
-    for kind, modules in kinds.items():
-        ranks = [m.rank for m in modules]
-        most = max(modules, key=lambda m: m.rank)
-        least = min(modules, key=lambda m: m.rank)
-        table.add_row(
-            kind,
-            f"{modules[0].m}x{modules[0].n}",
-            f"{min(ranks)}..{max(ranks)}",
-            str(sum(m.dense for m in modules)),
-            f"{sum(m.ner for m in modules) / len(modules):.3f}",
-            f"{most.rank} ({most.layer})",
-            f"{least.rank} ({least.layer})",
-        )
-    return table
 
 
 @app.command()
@@ -249,9 +224,9 @@ def compress(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
 ) -> None:
     """Compress MODEL by a plan (--plan) or in one shot (--ratio), into a loadable low-rank checkpoint."""
-    from swiftsvd_cli.compress import CompressOptions, run_compress
-    from swiftsvd_cli.models import ModelSource
-    from swiftsvd_cli.pipeline import OneShotOptions, run_oneshot
+    from swiftsvd_cli.model.loading import ModelSource
+    from swiftsvd_cli.stages.compress import CompressOptions, run_compress
+    from swiftsvd_cli.stages.pipeline import OneShotOptions, run_oneshot
 
     if (plan is None) == (ratio is None):
         raise SwiftSVDError("give exactly one of --plan PLAN or --ratio RATIO")
@@ -312,7 +287,7 @@ def eval_(
             "tasks (openbookqa, arc_easy, arc_challenge, winogrande, hellaswag, piqa, mathqa, ...).",
         ),
     ] = "wikitext2",
-    seqlen: Annotated[int, typer.Option(help="Perplexity window length (the field uses 2048).")] = 2048,
+    seqlen: Annotated[int, typer.Option(help="Perplexity window length (the field uses 2048).")] = config.SEQLEN,
     limit: Annotated[int | None, typer.Option(help="Only the first N perplexity windows per dataset.")] = None,
     zeroshot_limit: Annotated[int | None, typer.Option(help="Only the first N examples per zero-shot task.")] = None,
     include_path: Annotated[
@@ -332,8 +307,8 @@ def eval_(
     force: ForceOpt = False,
 ) -> None:
     """Perplexity (SVD-LLM protocol), zero-shot accuracy (lm-eval), size and speed: one column per TARGET."""
-    from swiftsvd_cli.eval_table import render_table
-    from swiftsvd_cli.evaluate import EvalOptions, evaluate
+    from swiftsvd_cli.stages.evaluate import EvalOptions, evaluate
+    from swiftsvd_cli.tables import render_table
 
     options = EvalOptions(
         targets=tuple(targets),
@@ -366,7 +341,7 @@ def report(
     device: DeviceOpt = None,
 ) -> None:
     """Spectra, NER vs layer importance and rank plots plus a markdown summary: where is the model compressible?"""
-    from swiftsvd_cli.report import ReportOptions, run_report
+    from swiftsvd_cli.stages.report import ReportOptions, run_report
 
     result = run_report(ReportOptions(work=work, out=out, plan=plan, model=model, device=device))
     table = Table(title=f"compressibility report -> {result.summary}")

@@ -109,9 +109,9 @@ def trained_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) 
 
 def calibrated_plan(model_dir: Path, text: Path, work: Path, samples: int, seqlen: int, ratio: float) -> Path:
     """Calibrate `model_dir` on `text` into `work` and write a uniform plan for `ratio`: its path."""
-    from swiftsvd_cli.allocate import AllocateOptions, run_allocate
-    from swiftsvd_cli.calibrate import CalibrateOptions, run_calibrate
-    from swiftsvd_cli.models import ModelSource
+    from swiftsvd_cli.model.loading import ModelSource
+    from swiftsvd_cli.stages.allocate import AllocateOptions, run_allocate
+    from swiftsvd_cli.stages.calibrate import CalibrateOptions, run_calibrate
 
     source = ModelSource(str(model_dir), device="cpu")
     run_calibrate(CalibrateOptions(source=source, work=work, data=str(text), samples=samples, seqlen=seqlen))

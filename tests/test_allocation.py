@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from swiftsvd_cli.allocation import (
+from swiftsvd_cli.core.allocation import (
     achieved_ratio,
     allocation_scores,
     dynamic_ranks,
@@ -16,7 +16,7 @@ from swiftsvd_cli.allocation import (
     parameter_count,
     uniform_ranks,
 )
-from swiftsvd_cli.linalg import break_even_rank
+from swiftsvd_cli.core.linalg import break_even_rank
 
 M, N, L = 256, 128, 12
 

@@ -6,8 +6,8 @@ import pytest
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from swiftsvd_cli.architectures import ARCHITECTURES, arch_for, decoder_layers, target_linears
 from swiftsvd_cli.errors import SwiftSVDError
+from swiftsvd_cli.model.architectures import ARCHITECTURES, arch_for, decoder_layers, target_linears
 from tests.conftest import TINY_SHAPE
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from swiftsvd_cli.baselines import asvd_factors, svd_factors, svd_llm_factors
-from swiftsvd_cli.linalg import eigenbasis, factorize
+from swiftsvd_cli.core.baselines import asvd_factors, svd_factors, svd_llm_factors
+from swiftsvd_cli.core.linalg import eigenbasis, factorize
 
 F64 = torch.float64
 

@@ -9,12 +9,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from swiftsvd_cli import artifacts
-from swiftsvd_cli.architectures import LLAMA
-from swiftsvd_cli.calibrate import CalibrateOptions, run_calibrate, shard_name
-from swiftsvd_cli.data import calibration_windows, load_text, tokenize
+from swiftsvd_cli.artifacts import store
+from swiftsvd_cli.artifacts.manifest import CalibrationManifest
+from swiftsvd_cli.data.text import calibration_windows, load_text, tokenize
 from swiftsvd_cli.errors import SwiftSVDError
-from swiftsvd_cli.models import ModelSource
+from swiftsvd_cli.model.architectures import LLAMA
+from swiftsvd_cli.model.loading import ModelSource
+from swiftsvd_cli.stages.calibrate import CalibrateOptions, run_calibrate, shard_name
 
 SAMPLES, SEQLEN = 6, 24
 
@@ -63,10 +64,10 @@ def reference_activations(model_dir: Path, text: Path) -> tuple[dict[str, list[t
 
 def test_grams_match_full_forward(calibrated: Path, tiny_model_dir: Path, tiny_text_file: Path) -> None:
     captured, windows, (model, outputs) = reference_activations(tiny_model_dir, tiny_text_file)
-    manifest = artifacts.CalibrationManifest.load(calibrated)
+    manifest = CalibrationManifest.load(calibrated)
     assert manifest.complete
     for index, record in manifest.layers.items():
-        shard = artifacts.read_shard(calibrated, record.shard)
+        shard = store.read_shard(calibrated, record.shard)
         assert record.tokens == windows.numel() == int(shard["tokens"])
         for group, names in LLAMA.groups.items():
             for name in names:  # every module of the group really reads the same input
@@ -95,12 +96,12 @@ def test_resume_recomputes_only_missing_layer(tiny_llama_dir: Path, tiny_text_fi
     work = tmp_path / "work"
     run_calibrate(options(tiny_llama_dir, work, tiny_text_file))
     kept, deleted = work / shard_name(0), work / shard_name(1)
-    before = (kept.stat().st_mtime_ns, artifacts.sha256_file(deleted))
+    before = (kept.stat().st_mtime_ns, store.sha256_file(deleted))
     deleted.unlink()
     result = run_calibrate(options(tiny_llama_dir, work, tiny_text_file))
     assert result.computed_layers == [1]
     assert kept.stat().st_mtime_ns == before[0]
-    assert artifacts.sha256_file(deleted) == before[1]  # deterministic recomputation
+    assert store.sha256_file(deleted) == before[1]  # deterministic recomputation
     assert run_calibrate(options(tiny_llama_dir, work, tiny_text_file)).computed_layers == []
 
 
@@ -123,7 +124,7 @@ def test_corrupt_shard_is_named(tiny_llama_dir: Path, tiny_text_file: Path, tmp_
     data[-8:] = b"\x00" * 8
     path.write_bytes(bytes(data))
     with pytest.raises(SwiftSVDError, match="layer_001.safetensors"):
-        artifacts.read_shard(work, manifest.layers[1].shard)
+        store.read_shard(work, manifest.layers[1].shard)
     # a rerun notices it too and recomputes exactly that layer
     assert run_calibrate(options(tiny_llama_dir, work, tiny_text_file)).computed_layers == [1]
 

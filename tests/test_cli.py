@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from swiftsvd_cli import __version__
-from swiftsvd_cli.artifacts import CalibrationManifest
+from swiftsvd_cli.artifacts.manifest import CalibrationManifest
 from swiftsvd_cli.cli import app
 
 runner = CliRunner()

@@ -11,17 +11,18 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from swiftsvd_cli import artifacts
-from swiftsvd_cli.allocate import AllocateOptions, run_allocate
-from swiftsvd_cli.artifacts import CalibrationManifest
-from swiftsvd_cli.calibrate import CalibrateOptions, run_calibrate
+from swiftsvd_cli.artifacts import store
+from swiftsvd_cli.artifacts.manifest import CalibrationManifest
+from swiftsvd_cli.artifacts.plan import RankPlan
 from swiftsvd_cli.cli import app
-from swiftsvd_cli.compress import CompressOptions, load_compressed, run_compress
-from swiftsvd_cli.data import load_text, tokenize
+from swiftsvd_cli.data.text import load_text, tokenize
 from swiftsvd_cli.errors import SwiftSVDError
-from swiftsvd_cli.models import ModelSource
-from swiftsvd_cli.perplexity import perplexity
-from swiftsvd_cli.plan import RankPlan
+from swiftsvd_cli.metrics.perplexity import perplexity
+from swiftsvd_cli.model.checkpoint import load_compressed
+from swiftsvd_cli.model.loading import ModelSource
+from swiftsvd_cli.stages.allocate import AllocateOptions, run_allocate
+from swiftsvd_cli.stages.calibrate import CalibrateOptions, run_calibrate
+from swiftsvd_cli.stages.compress import CompressOptions, run_compress
 
 SAMPLES, SEQLEN = 16, 64
 
@@ -103,14 +104,14 @@ def test_factored_equals_merged_and_sizes_match_plan(work: Path, trained_llama_d
 
 def test_predicted_loss_matches_measured(work: Path, trained_llama_dir: Path, tmp_path: Path) -> None:
     """The plan's Σ_{i>k} λ_i equals ‖WX − ABX‖² measured on the calibration Gram."""
-    from swiftsvd_cli import artifacts
+    from swiftsvd_cli.artifacts import store
 
     plan = RankPlan.load(plan_for(work, 0.4))
     compressed, _ = load_compressed(compress_to(trained_llama_dir, plan_for(work, 0.4), tmp_path / "c"))
     original = AutoModelForCausalLM.from_pretrained(trained_llama_dir, dtype=torch.float32)
-    manifest = artifacts.CalibrationManifest.load(work)
+    manifest = CalibrationManifest.load(work)
     for module in plan.modules:
-        grams = artifacts.read_shard(work, manifest.layers[module.layer].shard)
+        grams = store.read_shard(work, manifest.layers[module.layer].shard)
         group = {
             "q": "attn_in",
             "k": "attn_in",
@@ -140,13 +141,13 @@ def test_dynamic_search_records_candidates(work: Path) -> None:
 def test_alpha_search_hashes_each_shard_once(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """11 candidates reconstruct every layer 11 times; the eigen shards must not be re-hashed each time."""
     hashed: Counter[str] = Counter()
-    real = artifacts.sha256_file
+    real = store.sha256_file
 
     def counting(path: Path) -> str:
         hashed[str(Path(path).resolve())] += 1
         return real(path)
 
-    monkeypatch.setattr(artifacts, "sha256_file", counting)
+    monkeypatch.setattr(store, "sha256_file", counting)
     plan_for(work, 0.5, "dynamic", val_samples=1)
     eigen = {str((work / record.file).resolve()) for record in CalibrationManifest.load(work).eigen.values()}
     # once each by the cache check, the spectra read and the first reconstruction; not once per candidate (13)
@@ -158,11 +159,11 @@ def test_unverified_reread_still_checks_size(work: Path, tmp_path: Path) -> None
     copy = tmp_path / shard.file
     copy.parent.mkdir(parents=True)
     copy.write_bytes((work / shard.file).read_bytes())
-    assert artifacts.read_shard(tmp_path, shard, verify=False).keys()
+    assert store.read_shard(tmp_path, shard, verify=False).keys()
     with copy.open("ab") as handle:
         handle.write(b"\0")
     with pytest.raises(SwiftSVDError, match="corrupt shard"):
-        artifacts.read_shard(tmp_path, shard, verify=False)
+        store.read_shard(tmp_path, shard, verify=False)
 
 
 def test_second_ratio_reuses_eigenbases(work: Path) -> None:
@@ -207,7 +208,7 @@ def test_checkpoint_dtype_reads_both_spellings() -> None:
     """transformers keeps config.dtype as a str or a torch.dtype; `auto` on a GPU must honour either."""
     from types import SimpleNamespace
 
-    from swiftsvd_cli.models import checkpoint_dtype, resolve_dtype
+    from swiftsvd_cli.model.dtypes import checkpoint_dtype, resolve_dtype
 
     assert checkpoint_dtype(SimpleNamespace(dtype="bfloat16")) == torch.bfloat16
     assert checkpoint_dtype(SimpleNamespace(dtype=torch.float16)) == torch.float16
@@ -218,7 +219,7 @@ def test_checkpoint_dtype_reads_both_spellings() -> None:
 
 def test_output_directory_has_plain_mkdir_permissions(work: Path, trained_llama_dir: Path, tmp_path: Path) -> None:
     """Built in a temp dir and renamed: it must not keep mkdtemp's 0700 (teammates could not read the model)."""
-    from swiftsvd_cli.artifacts import umask
+    from swiftsvd_cli.artifacts.store import umask
 
     out = compress_to(trained_llama_dir, plan_for(work, 0.6), tmp_path / "out")
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask()

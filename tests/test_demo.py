@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from swiftsvd_cli import demo
-from swiftsvd_cli.artifacts import sha256_file
+from swiftsvd_cli.artifacts.store import sha256_file
+from swiftsvd_cli.data import demo
 from swiftsvd_cli.errors import SwiftSVDError
 
 # ---------------------------------------------------------------------------------------------------------

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swiftsvd_cli.data import tokenize
+from swiftsvd_cli.data.text import tokenize
 from swiftsvd_cli.errors import SwiftSVDError
-from swiftsvd_cli.perplexity import perplexity
+from swiftsvd_cli.metrics.perplexity import perplexity
 from tests.conftest import TINY_TEXT, build_tiny_model
 
 

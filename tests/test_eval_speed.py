@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from swiftsvd_cli.errors import SwiftSVDError
-from swiftsvd_cli.speed import checkpoint_bytes, measure_size, measure_speed
+from swiftsvd_cli.metrics.speed import checkpoint_bytes, measure_size, measure_speed
 from tests.conftest import build_tiny_model
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from swiftsvd_cli import evaluate as stage
 from swiftsvd_cli.errors import SwiftSVDError
-from swiftsvd_cli.eval_table import render_table
-from swiftsvd_cli.evaluate import EvalOptions, evaluate, split_tasks
-from swiftsvd_cli.models import ModelSource
+from swiftsvd_cli.model.loading import ModelSource
+from swiftsvd_cli.stages import evaluate as stage
+from swiftsvd_cli.stages.evaluate import EvalOptions, evaluate, split_tasks
+from swiftsvd_cli.tables import render_table
 from tests.conftest import calibrated_plan
 
 
@@ -75,12 +75,12 @@ def forbid_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     def load_model(*args: object, **kwargs: object) -> None:
         raise AssertionError("a model was loaded before the options were checked")
 
-    monkeypatch.setattr("swiftsvd_cli.models.load_model", load_model)
+    monkeypatch.setattr("swiftsvd_cli.model.loading.load_model", load_model)
 
 
 def test_unknown_task_fails_before_loading(monkeypatch: pytest.MonkeyPatch, tiny_llama_dir: Path) -> None:
     forbid_loading(monkeypatch)
-    monkeypatch.setattr("swiftsvd_cli.zeroshot.lm_eval_version", lambda: None)  # no lm-eval index: fast
+    monkeypatch.setattr("swiftsvd_cli.metrics.zeroshot.lm_eval_version", lambda: None)  # no lm-eval index: fast
     with pytest.raises(SwiftSVDError, match="unknown task 'wikitxt2'.*wikitext2.*hellaswag"):
         evaluate(EvalOptions(targets=(str(tiny_llama_dir),), tasks=("wikitxt2",)))
 
@@ -98,7 +98,7 @@ def test_seqlen_too_large_is_an_error(tiny_llama_dir: Path, tiny_text_file: Path
 
 def test_original_vs_compressed(tiny_llama_dir: Path, tiny_text_file: Path, tmp_path: Path) -> None:
     """Through the real pipeline: the compressed target's size is counted from its factored modules."""
-    from swiftsvd_cli.compress import CompressOptions, run_compress
+    from swiftsvd_cli.stages.compress import CompressOptions, run_compress
 
     work, out = tmp_path / "work", tmp_path / "compressed"
     plan = calibrated_plan(tiny_llama_dir, tiny_text_file, work, samples=8, seqlen=32, ratio=0.5)

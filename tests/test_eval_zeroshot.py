@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from swiftsvd_cli import zeroshot
 from swiftsvd_cli.errors import SwiftSVDError
-from swiftsvd_cli.evaluate import classify_tasks
+from swiftsvd_cli.metrics import zeroshot
+from swiftsvd_cli.stages.evaluate import classify_tasks
 from tests.conftest import build_tiny_model
 
 TASK = "swiftsvd_tiny_mc"
@@ -119,8 +119,8 @@ def test_stage_runs_zero_shot_next_to_perplexity(
     tiny_tokenizer,
     tmp_path: Path,  # noqa: ANN001
 ) -> None:
-    from swiftsvd_cli.evaluate import EvalOptions, evaluate
-    from swiftsvd_cli.models import load_model
+    from swiftsvd_cli.model.loading import load_model
+    from swiftsvd_cli.stages.evaluate import EvalOptions, evaluate
 
     model = load_model(str(tiny_llama_dir)).model
     golds = []

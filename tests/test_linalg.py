@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from swiftsvd_cli.linalg import (
+from swiftsvd_cli.core.linalg import (
     SVD_PRECISION,
     accumulate_gram,
     break_even_rank,

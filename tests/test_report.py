@@ -6,11 +6,13 @@ import math
 import sys
 from pathlib import Path
 
+import bench_plots
 import pytest
 import torch
 
-from swiftsvd_cli import report
+from swiftsvd_cli import figures
 from swiftsvd_cli.errors import SwiftSVDError
+from swiftsvd_cli.stages import report
 from tests.conftest import calibrated_plan
 
 pytest.importorskip("matplotlib")
@@ -29,9 +31,9 @@ def synthetic_spectra(layers: int = 4) -> dict[tuple[int, str], torch.Tensor]:
 
 
 def test_pearson_known_answers() -> None:
-    assert report.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
-    assert report.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-    assert math.isnan(report.pearson([1, 1, 1], [1, 2, 3]))
+    assert figures.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert figures.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(figures.pearson([1, 1, 1], [1, 2, 3]))
 
 
 def test_relative_loss_is_the_eigenvalue_tail_share() -> None:
@@ -54,10 +56,12 @@ def test_type_summary_finds_the_compressible_layers() -> None:
 def test_plots_are_written(tmp_path: Path) -> None:
     spectra = synthetic_spectra()
     paths = [
-        report.plot_spectra(spectra, tmp_path / "spectra.png"),
-        report.plot_ner_importance(spectra, [0.1, 0.2, 0.3, 0.4], tmp_path / "ner.png"),
-        report.plot_perplexity({"swift uniform": {0.8: 10.0, 0.4: 100.0}}, 5.0, tmp_path / "ppl.png"),
-        report.plot_timing({"swift": {"eigen": 2.0, "ratio 0.8": 1.0}}, {"calibration": 9.0}, tmp_path / "time.png"),
+        figures.plot_spectra(spectra, tmp_path / "spectra.png"),
+        figures.plot_ner_importance(spectra, [0.1, 0.2, 0.3, 0.4], tmp_path / "ner.png"),
+        bench_plots.plot_perplexity({"swift uniform": {0.8: 10.0, 0.4: 100.0}}, 5.0, tmp_path / "ppl.png"),
+        bench_plots.plot_timing(
+            {"swift": {"eigen": 2.0, "ratio 0.8": 1.0}}, {"calibration": 9.0}, tmp_path / "time.png"
+        ),
     ]
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -67,7 +71,7 @@ def test_plots_are_written(tmp_path: Path) -> None:
 def test_missing_matplotlib_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     with pytest.raises(SwiftSVDError, match=r"pip install .*swiftsvd-cli\[plots\]"):
-        report.pyplot()
+        figures.pyplot()
 
 
 def test_report_end_to_end(tiny_llama_dir: Path, tiny_text_file: Path, tmp_path: Path) -> None:

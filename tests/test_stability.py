@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from swiftsvd_cli.linalg import uniform_rank
-from swiftsvd_cli.stability import (
+from stability import (
     PAPER_TABLE5,
     SETTINGS,
     loss,
@@ -16,6 +14,8 @@ from swiftsvd_cli.stability import (
     stability_table,
     swift_fp32,
 )
+
+from swiftsvd_cli.core.linalg import uniform_rank
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
@@ -72,7 +72,7 @@ def test_table_rows_and_paper_numbers() -> None:
 
 
 def test_svd_llm_failure_is_recorded_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
-    import swiftsvd_cli.stability as stability
+    import stability
 
     def failing(*_args: object, **_kwargs: object) -> None:
         raise torch.linalg.LinAlgError("not positive-definite")

@@ -9,21 +9,25 @@ Ranks always come from a plan, so methods differ only in the factorisation.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from swiftsvd_cli import artifacts
-from swiftsvd_cli.architectures import ArchSpec
-from swiftsvd_cli.artifacts import CalibrationManifest
-from swiftsvd_cli.baselines import asvd_factors, svd_factors, svd_llm_factors
+from swiftsvd_cli.artifacts import store
+from swiftsvd_cli.artifacts.manifest import CalibrationManifest
+from swiftsvd_cli.core.allocation import is_dense
+from swiftsvd_cli.core.baselines import asvd_factors, svd_factors, svd_llm_factors
+from swiftsvd_cli.core.linalg import factorize
 from swiftsvd_cli.errors import SwiftSVDError
-from swiftsvd_cli.linalg import factorize
+from swiftsvd_cli.model.architectures import ArchSpec, decoder_layers, target_linears
 
 logger = logging.getLogger("swiftsvd")
 METHODS = ("swift", "svd", "asvd", "svd-llm")
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+RankMap = dict[tuple[int, str], int]  # (layer index, module path in the layer) -> rank
 
 
 def check_method(method: str) -> str:
@@ -44,8 +48,8 @@ class FactorSource:
         self.work, self.manifest, self.spec, self.device = work, manifest, spec, device
         self._verified: set[str] = set()
 
-    def _read(self, shard: artifacts.Shard) -> dict[str, torch.Tensor]:
-        tensors = artifacts.read_shard(self.work, shard, verify=shard.file not in self._verified)
+    def _read(self, shard: store.Shard) -> dict[str, torch.Tensor]:
+        tensors = store.read_shard(self.work, shard, verify=shard.file not in self._verified)
         self._verified.add(shard.file)
         return tensors
 
@@ -78,3 +82,27 @@ class FactorSource:
                     )
                 factors[name] = (result.A, result.B)
         return factors
+
+
+@contextmanager
+def reconstructed(model: nn.Module, spec: ArchSpec, ranks: RankMap, factors_of: FactorSource) -> Iterator[None]:
+    """Temporarily replace each factored weight by its dense rank-k reconstruction A B."""
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []  # (weight, its original values)
+    try:
+        for index, layer in enumerate(decoder_layers(model, spec)):
+            linears = target_linears(layer, spec)
+            wanted = {
+                name: k
+                for (i, name), k in ranks.items()
+                if i == index and not is_dense(linears[name].out_features, linears[name].in_features, k)
+            }
+            for name, (A, B) in factors_of(index, linears, wanted).items():
+                weight = linears[name].weight
+                saved.append((weight, weight.detach().clone()))
+                with torch.no_grad():
+                    weight.copy_((A @ B).to(weight.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for weight, original in saved:
+                weight.copy_(original)

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from swiftsvd_cli import __version__
-from swiftsvd_cli.allocation import parameter_count
-from swiftsvd_cli.architectures import matrix_kind
-from swiftsvd_cli.artifacts import FORMAT_VERSION, ModelInfo, atomic_write_json, read_json, utc_now
+from swiftsvd_cli.artifacts.manifest import ModelInfo
+from swiftsvd_cli.artifacts.store import FORMAT_VERSION, atomic_write_json, read_json, utc_now
+from swiftsvd_cli.core.allocation import matrix_kind, parameter_count
 from swiftsvd_cli.errors import SwiftSVDError
 
 

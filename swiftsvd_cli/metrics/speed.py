@@ -61,7 +61,7 @@ class SpeedResult:
 
 def _target_modules(model: Any) -> list[Any] | None:
     """The compression targets of every decoder layer (architecture table); None for unknown families."""
-    from swiftsvd_cli.architectures import ARCHITECTURES
+    from swiftsvd_cli.model.architectures import ARCHITECTURES
 
     spec = ARCHITECTURES.get(getattr(model.config, "model_type", None) or "")
     if spec is None:

@@ -11,10 +11,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from swiftsvd_cli.allocate import AllocateOptions, check_ratio, run_allocate
-from swiftsvd_cli.calibrate import CalibrateOptions, run_calibrate
-from swiftsvd_cli.compress import CompressOptions, CompressResult, check_output, run_compress
-from swiftsvd_cli.models import DEMO, ModelSource
+from swiftsvd_cli.config import BATCH_SIZE, SAMPLES, SEED, SEQLEN, VAL_SAMPLES, check_ratio
+from swiftsvd_cli.data.demo import cache_dir
+from swiftsvd_cli.model.loading import DEMO, ModelSource
+from swiftsvd_cli.stages.allocate import AllocateOptions, run_allocate
+from swiftsvd_cli.stages.calibrate import CalibrateOptions, run_calibrate
+from swiftsvd_cli.stages.compress import CompressOptions, CompressResult, check_output, run_compress
 
 logger = logging.getLogger("swiftsvd")
 
@@ -29,7 +31,7 @@ class CalibrationDefaults:
 
 # The demo runs on 2-core CPUs in minutes: 64 x 512 tokens instead of the field's 256 x 2048.
 DEMO_CALIBRATION = CalibrationDefaults(data="demo", samples=64, seqlen=512, val_samples=4)
-FIELD_CALIBRATION = CalibrationDefaults(data="wikitext2", samples=256, seqlen=2048, val_samples=8)
+FIELD_CALIBRATION = CalibrationDefaults(data="wikitext2", samples=SAMPLES, seqlen=SEQLEN, val_samples=VAL_SAMPLES)
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,8 @@ class OneShotOptions:
     data: str | None = None
     samples: int | None = None
     seqlen: int | None = None
-    seed: int = 3
-    batch_size: int = 4
+    seed: int = SEED
+    batch_size: int = BATCH_SIZE
     force: bool = False
 
 
@@ -58,8 +60,6 @@ class OneShotResult:
 
 
 def default_work(model: str, data: str, samples: int, seqlen: int, seed: int) -> Path:
-    from swiftsvd_cli.demo import cache_dir
-
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model.strip("/~.")) or "model"
     return cache_dir() / "work" / f"{slug}-{Path(data).name}-{samples}x{seqlen}-seed{seed}"
 

@@ -11,19 +11,18 @@ from __future__ import annotations
 import functools
 import gc
 import logging
-import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from swiftsvd_cli import __version__
+from swiftsvd_cli.artifacts.eval_report import EvalReport, TargetReport
+from swiftsvd_cli.artifacts.provenance import software_versions
+from swiftsvd_cli.config import SEQLEN
 from swiftsvd_cli.errors import SwiftSVDError
-from swiftsvd_cli.zeroshot import TASK_ALIASES, ZERO_SHOT_TASKS, canonical_task
+from swiftsvd_cli.metrics.zeroshot import TASK_ALIASES, ZERO_SHOT_TASKS, canonical_task
 
 logger = logging.getLogger("swiftsvd")
-
-FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -32,7 +31,7 @@ class EvalOptions:
 
     targets: tuple[str, ...]
     tasks: tuple[str, ...] = ("wikitext2",)
-    seqlen: int = 2048
+    seqlen: int = SEQLEN
     limit: int | None = None  # perplexity windows per dataset (None: all)
     batch_size: int = 1
     dtype: str = "auto"
@@ -48,38 +47,6 @@ class EvalOptions:
     force: bool = False
 
 
-@dataclass
-class TargetReport:
-    """All numbers for one target, with where it came from."""
-
-    target: str
-    model_id: str
-    revision: str | None
-    fingerprint: str
-    dtype: str
-    compressed: dict[str, Any] | None
-    perplexity: dict[str, dict[str, Any]] = field(default_factory=dict)
-    zero_shot: dict[str, dict[str, float]] = field(default_factory=dict)
-    size: dict[str, Any] = field(default_factory=dict)
-    speed: dict[str, Any] | None = None
-    seconds: float = 0.0
-
-
-@dataclass
-class EvalReport:
-    """The JSON artifact of `swiftsvd eval`: protocol once, then one entry per target in the given order."""
-
-    protocol: dict[str, Any]
-    targets: list[TargetReport]
-    zero_shot_skipped: dict[str, str]
-    created: str
-    kind: str = "swiftsvd-eval"
-    format_version: int = FORMAT_VERSION
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 def split_tasks(items: tuple[str, ...] | list[str]) -> list[str]:
     """`("wikitext2,ptb", "piqa")` -> `["wikitext2", "ptb", "piqa"]`; blanks and repeats dropped."""
     names = [part.strip() for item in items for part in item.split(",")]
@@ -91,7 +58,7 @@ def classify_tasks(names: list[str], include_path: Path | None = None) -> tuple[
 
     Runs before any model is loaded, so a typo costs a second, not a model load.
     """
-    from swiftsvd_cli.data import PERPLEXITY_DATASETS, TEXT_SUFFIXES
+    from swiftsvd_cli.data.text import PERPLEXITY_DATASETS, TEXT_SUFFIXES
 
     perplexity: list[str] = []
     zero_shot: list[str] = []
@@ -108,7 +75,7 @@ def classify_tasks(names: list[str], include_path: Path | None = None) -> tuple[
         else:
             unresolved.append(name)
     if unresolved:
-        from swiftsvd_cli.zeroshot import known_tasks
+        from swiftsvd_cli.metrics.zeroshot import known_tasks
 
         known = known_tasks(unresolved, include_path)  # None without lm-eval: only built-in names are valid
         unknown = [n for n in unresolved if known is None or n not in known]
@@ -165,27 +132,12 @@ def _release_memory() -> None:
         pass
 
 
-def software_versions() -> dict[str, str | None]:
-    import torch
-    import transformers
-
-    from swiftsvd_cli.zeroshot import lm_eval_version
-
-    return {
-        "swiftsvd": __version__,
-        "torch": str(torch.__version__),
-        "transformers": str(transformers.__version__),
-        "lm_eval": lm_eval_version(),
-        "python": platform.python_version(),
-    }
-
-
 def _evaluate_target(
     spec: str, options: EvalOptions, device: str, texts: dict[str, Any], prepared: Any
 ) -> TargetReport:
     """Load one target, measure everything the options ask for, and free it (also on errors)."""
-    from swiftsvd_cli.models import load_model
-    from swiftsvd_cli.speed import current_rss
+    from swiftsvd_cli.metrics.speed import current_rss
+    from swiftsvd_cli.model.loading import load_model
 
     start, rss_baseline = time.perf_counter(), current_rss()
     loaded = load_model(spec, dtype=options.dtype, device=device, trust_remote_code=options.trust_remote_code)
@@ -199,11 +151,11 @@ def _evaluate_target(
 
 
 def _measure(loaded: Any, options: EvalOptions, texts: dict[str, Any], prepared: Any, rss: int) -> TargetReport:
-    from swiftsvd_cli.data import tokenize
+    from swiftsvd_cli.data.text import tokenize
     from swiftsvd_cli.log import progress
-    from swiftsvd_cli.perplexity import perplexity
-    from swiftsvd_cli.speed import measure_size, measure_speed
-    from swiftsvd_cli.zeroshot import run_zero_shot
+    from swiftsvd_cli.metrics.perplexity import perplexity
+    from swiftsvd_cli.metrics.speed import measure_size, measure_speed
+    from swiftsvd_cli.metrics.zeroshot import run_zero_shot
 
     model, spec = loaded.model, loaded.spec
     report = TargetReport(
@@ -249,10 +201,10 @@ def _measure(loaded: Any, options: EvalOptions, texts: dict[str, Any], prepared:
 
 def evaluate(options: EvalOptions) -> EvalReport:
     """Evaluate every target on every task (and benchmark it if asked); write the JSON report if asked."""
-    from swiftsvd_cli.artifacts import atomic_write_json, utc_now
-    from swiftsvd_cli.data import load_text
-    from swiftsvd_cli.models import default_device
-    from swiftsvd_cli.zeroshot import prepare_tasks
+    from swiftsvd_cli.artifacts.store import atomic_write_json, utc_now
+    from swiftsvd_cli.data.text import load_text
+    from swiftsvd_cli.metrics.zeroshot import prepare_tasks
+    from swiftsvd_cli.model.loading import default_device
 
     _check_options(options)
     ppl_names, zs_names = classify_tasks(split_tasks(options.tasks), options.task_include_path)

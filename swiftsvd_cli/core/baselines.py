@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from swiftsvd_cli.linalg import SVD_PRECISION, check_rank
+from swiftsvd_cli.core.linalg import SVD_PRECISION, check_rank
 
 ASVD_EPS = 1e-6
 """ASVD adds this to its scaling vector so that channels that were never active do not divide by zero."""

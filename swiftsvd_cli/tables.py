@@ -1,4 +1,4 @@
-"""The side-by-side table of an eval report: one column per target, relative change against the first."""
+"""Rich tables the CLI prints: a rank plan per matrix type, and an eval report side by side (one column per target)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from swiftsvd_cli.evaluate import EvalReport, TargetReport
+from rich.table import Table
+
+from swiftsvd_cli.artifacts.eval_report import EvalReport, TargetReport
+from swiftsvd_cli.artifacts.plan import RankPlan
 
 
 def _human(value: float, unit: str = "") -> str:
@@ -68,10 +71,8 @@ def _scaled(value: float | None) -> float | None:
     return None if value is None else 100.0 * value
 
 
-def render_table(report: EvalReport) -> Any:  # rich.table.Table (rich is imported lazily like torch)
+def render_table(report: EvalReport) -> Table:
     """One column per target; every later column shows its change relative to the first target."""
-    from rich.table import Table
-
     table = Table(title="swiftsvd eval", caption=_caption(report))
     table.add_column("metric")
     for target in report.targets:
@@ -96,3 +97,30 @@ def _caption(report: EvalReport) -> str:
     if report.zero_shot_skipped:
         parts.append("skipped: " + ", ".join(sorted(report.zero_shot_skipped)))
     return "; ".join(parts)
+
+
+def plan_table(plan: RankPlan) -> Table:
+    """Per matrix type: rank range, mean NER, and the layers given most / least."""
+    alpha = "" if plan.alpha is None else f", alpha {plan.alpha:.1f}"
+    table = Table(
+        title=f"{plan.strategy} plan: target ratio {plan.target_ratio:.3f}, achieved {plan.achieved_ratio:.4f}{alpha}"
+    )
+    for column in ("matrix", "shape", "ranks", "dense", "mean NER", "most (layer)", "least (layer)"):
+        table.add_column(column)
+    kinds: dict[str, list[Any]] = {}
+    for module in plan.modules:
+        kinds.setdefault(module.kind, []).append(module)
+    for kind, modules in kinds.items():
+        ranks = [m.rank for m in modules]
+        most = max(modules, key=lambda m: m.rank)
+        least = min(modules, key=lambda m: m.rank)
+        table.add_row(
+            kind,
+            f"{modules[0].m}x{modules[0].n}",
+            f"{min(ranks)}..{max(ranks)}",
+            str(sum(m.dense for m in modules)),
+            f"{sum(m.ner for m in modules) / len(modules):.3f}",
+            f"{most.rank} ({most.layer})",
+            f"{least.rank} ({least.layer})",
+        )
+    return table

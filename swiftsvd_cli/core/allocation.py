@@ -12,7 +12,12 @@ from collections.abc import Iterable, Sequence
 
 from torch import Tensor
 
-from swiftsvd_cli.linalg import RANK_FLOOR_SLACK, break_even_rank, loss_at_rank, uniform_rank
+from swiftsvd_cli.core.linalg import RANK_FLOOR_SLACK, break_even_rank, loss_at_rank, uniform_rank
+
+
+def matrix_kind(module: str) -> str:
+    """The matrix type of a module path ("self_attn.q_proj" -> "q_proj"): Algorithm 2 allocates within one."""
+    return module.rpartition(".")[2]
 
 
 def is_dense(m: int, n: int, k: int) -> bool:

@@ -1,8 +1,7 @@
-"""On-disk artifacts: atomic writes, checksummed safetensors shards, and the versioned calibration manifest.
+"""The artifact store: atomic writes, checksummed safetensors shards and JSON reading for every artifact.
 
-A WORK directory holds `manifest.json` (what model, what data, what settings, which shards with which
-SHA-256) and per-layer shards under `covariance/`. Every reader validates before it trusts a byte, and
-every writer writes a temp file beside the target and renames it, so a killed run never leaves a torn file.
+Every reader validates before it trusts a byte, and every writer writes a temp file beside the target and
+renames it, so a killed run never leaves a torn file.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,11 +20,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from swiftsvd_cli import __version__
 from swiftsvd_cli.errors import SwiftSVDError
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 
 
 def utc_now() -> str:
@@ -134,96 +131,6 @@ def read_shard(root: Path, shard: Shard, *, verify: bool = True) -> dict[str, to
         return load_file(str(path))
     except SafetensorError as error:
         raise SwiftSVDError(f"corrupt shard {path}: {error}") from error
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """Which model an artifact belongs to; `fingerprint` is what mismatches are judged by."""
-
-    spec: str
-    model_id: str
-    revision: str | None
-    fingerprint: str
-    model_type: str
-    num_layers: int
-
-
-@dataclass(frozen=True)
-class CalibrationSettings:
-    """Everything that changes the Grams: a WORK directory is valid for exactly one of these."""
-
-    data: str
-    data_id: str
-    data_sha256: str
-    samples: int
-    seqlen: int
-    seed: int
-    dtype: str
-
-
-@dataclass(frozen=True)
-class LayerRecord:
-    """One decoder layer's calibration result: its shard and the numbers read without opening it."""
-
-    shard: Shard
-    tokens: int
-    importance: float
-
-
-@dataclass
-class CalibrationManifest:
-    model: ModelInfo
-    settings: CalibrationSettings
-    layers: dict[int, LayerRecord] = field(default_factory=dict)
-    eigen: dict[int, Shard] = field(default_factory=dict)  # eigenbases derived from these Grams and weights
-    kind: str = "calibration"
-    format_version: int = FORMAT_VERSION
-    tool_version: str = __version__
-    created: str = field(default_factory=utc_now)
-
-    @property
-    def complete(self) -> bool:
-        return len(self.layers) == self.model.num_layers
-
-    def importance(self) -> list[float]:
-        return [self.layers[index].importance for index in range(self.model.num_layers)]
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["layers"] = {str(index): asdict(record) for index, record in sorted(self.layers.items())}
-        data["eigen"] = {str(index): asdict(shard) for index, shard in sorted(self.eigen.items())}
-        return data
-
-    def save(self, work: Path) -> None:
-        atomic_write_json(work / MANIFEST, self.to_dict())
-
-    @classmethod
-    def load(cls, work: Path) -> CalibrationManifest:
-        data = read_json(work / MANIFEST, "calibration manifest")
-        if not isinstance(data, dict) or data.get("kind") != "calibration":
-            raise SwiftSVDError(f"{work / MANIFEST} is not a swiftsvd calibration manifest")
-        if data.get("format_version") != FORMAT_VERSION:
-            raise SwiftSVDError(
-                f"{work / MANIFEST} has format version {data.get('format_version')}, this swiftsvd reads "
-                f"{FORMAT_VERSION}: recalibrate into a new directory"
-            )
-        try:
-            layers = {
-                int(index): LayerRecord(
-                    shard=Shard(**record["shard"]), tokens=record["tokens"], importance=record["importance"]
-                )
-                for index, record in data["layers"].items()
-            }
-            return cls(
-                model=ModelInfo(**data["model"]),
-                settings=CalibrationSettings(**data["settings"]),
-                layers=layers,
-                eigen={int(index): Shard(**shard) for index, shard in data.get("eigen", {}).items()},
-                tool_version=data["tool_version"],
-                created=data["created"],
-            )
-        except (KeyError, TypeError, ValueError) as error:
-            raise SwiftSVDError(f"{work / MANIFEST} is malformed ({error}): recalibrate") from error
 
 
 def differences(old: Any, new: Any) -> list[str]:

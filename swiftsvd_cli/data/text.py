@@ -78,7 +78,7 @@ def _file_text(path: Path) -> str:
 def load_text(name: str, split: Split) -> TextSource:
     """The text of a named dataset split or a local file (the same file serves both splits)."""
     if name == "demo":
-        from swiftsvd_cli.demo import DEMO_TEXT_ID, demo_text
+        from swiftsvd_cli.data.demo import DEMO_TEXT_ID, demo_text
 
         text = demo_text("calibration" if split == "train" else "evaluation")
         return TextSource(id=f"{DEMO_TEXT_ID}:{split}", text=text)

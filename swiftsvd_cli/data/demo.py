@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from swiftsvd_cli.artifacts import atomic_write_text, make_temp_dir, sha256_file
+from swiftsvd_cli.artifacts.store import atomic_write_text, make_temp_dir, sha256_file
 from swiftsvd_cli.errors import SwiftSVDError
 
 log = logging.getLogger("swiftsvd")

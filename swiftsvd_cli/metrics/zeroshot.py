@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from swiftsvd_cli.artifacts.provenance import distribution_version
+
 logger = logging.getLogger("swiftsvd")
 
 # The task set of the SVD-LLM / Swift-SVD tables, by their lm-eval names.
@@ -38,12 +40,7 @@ def canonical_task(name: str) -> str:
 
 def lm_eval_version() -> str | None:
     """The installed lm-eval version, or None when the extra is not installed."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("lm_eval")
-    except PackageNotFoundError:
-        return None
+    return distribution_version("lm_eval")
 
 
 @functools.lru_cache(maxsize=4)

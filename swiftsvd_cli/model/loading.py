@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from swiftsvd_cli.errors import SwiftSVDError
+from swiftsvd_cli.model.checkpoint import load_compressed
+from swiftsvd_cli.model.dtypes import checkpoint_dtype, resolve_dtype
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEMO = "demo"
 
 
@@ -27,25 +28,6 @@ class LoadedModel:
     revision: str | None
     fingerprint: str
     compressed: dict[str, Any] | None = field(default=None)
-
-
-def resolve_dtype(dtype: str, device: str, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
-    """`auto` keeps the checkpoint's dtype on an accelerator and uses float32 on CPU (bf16 matmuls are slow there)."""
-    if dtype != "auto":
-        if dtype not in DTYPES:
-            raise SwiftSVDError(f"unknown dtype '{dtype}': use auto, {', '.join(DTYPES)}")
-        return DTYPES[dtype]
-    if device.startswith("cpu") or checkpoint_dtype is None:
-        return torch.float32
-    return checkpoint_dtype
-
-
-def checkpoint_dtype(config: Any) -> torch.dtype | None:
-    """The dtype a config says its weights are stored in (transformers keeps either a str or a torch.dtype)."""
-    value = getattr(config, "dtype", None)
-    if isinstance(value, str):
-        return DTYPES.get(value)
-    return value if isinstance(value, torch.dtype) else None
 
 
 def default_device() -> str:
@@ -72,7 +54,7 @@ def fingerprint(model: torch.nn.Module, config: Any) -> str:
 def _source(spec: str) -> tuple[str, dict[str, Any]]:
     """Where from_pretrained should look, and extra keyword arguments (gguf_file)."""
     if spec == DEMO:
-        from swiftsvd_cli.demo import demo_model_dir
+        from swiftsvd_cli.data.demo import demo_model_dir
 
         return str(demo_model_dir()), {}
     path = Path(spec).expanduser()
@@ -120,8 +102,6 @@ def load_model(
         raise SwiftSVDError(f"cannot load '{spec}': {error}".splitlines()[0]) from error
     compressed = getattr(config, "swiftsvd", None)
     if compressed is not None:
-        from swiftsvd_cli.compress import load_compressed
-
         model, tokenizer = load_compressed(location, dtype=dtype, device=device)
     else:
         torch_dtype = resolve_dtype(dtype, device, checkpoint_dtype(config))

@@ -8,36 +8,33 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from swiftsvd_cli.allocation import (
+from swiftsvd_cli.artifacts.manifest import CalibrationManifest, load_complete_manifest
+from swiftsvd_cli.artifacts.plan import ModulePlan, RankPlan
+from swiftsvd_cli.config import ALPHA_GRID, DELTA, VAL_SAMPLES, check_ratio
+from swiftsvd_cli.core.allocation import (
     achieved_ratio,
     dynamic_ranks,
     is_dense,
     minimal_loss_at_uniform,
 )
-from swiftsvd_cli.architectures import ArchSpec, arch_for, decoder_layers, target_linears
-from swiftsvd_cli.artifacts import MANIFEST, CalibrationManifest
-from swiftsvd_cli.data import load_text, tokenize
-from swiftsvd_cli.eigen import ensure_eigenbases, read_eigenvalues
+from swiftsvd_cli.core.linalg import effective_rank, loss_at_rank, normalized_effective_rank, uniform_rank
+from swiftsvd_cli.data.text import load_text, tokenize
+from swiftsvd_cli.engine.eigen import load_spectra
+from swiftsvd_cli.engine.factors import FactorSource, RankMap, check_method, reconstructed
 from swiftsvd_cli.errors import SwiftSVDError
-from swiftsvd_cli.linalg import effective_rank, loss_at_rank, normalized_effective_rank, uniform_rank
 from swiftsvd_cli.log import progress
-from swiftsvd_cli.methods import FactorSource, check_method
-from swiftsvd_cli.models import LoadedModel, default_device, load_model
-from swiftsvd_cli.perplexity import perplexity
-from swiftsvd_cli.plan import ModulePlan, RankPlan
+from swiftsvd_cli.metrics.perplexity import perplexity
+from swiftsvd_cli.model.architectures import ArchSpec
+from swiftsvd_cli.model.loading import LoadedModel, default_device
 
 logger = logging.getLogger("swiftsvd")
 STRATEGIES = ("dynamic", "uniform")
-ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(11))
-RankMap = dict[tuple[int, str], int]
 
 
 @dataclass(frozen=True)
@@ -46,11 +43,11 @@ class AllocateOptions:
     ratio: float
     strategy: str = "dynamic"
     alpha: float | None = None  # fixes α and skips the grid search
-    delta: float = 0.5
+    delta: float = DELTA
     method: str = "swift"  # factorisation used to score the α candidates
     model: str | None = None  # defaults to the model recorded in WORK
     val_data: str | None = None  # defaults to the calibration text
-    val_samples: int = 8
+    val_samples: int = VAL_SAMPLES
     val_seqlen: int | None = None  # defaults to the calibration seqlen
     name: str | None = None
     device: str | None = None
@@ -63,55 +60,6 @@ class AllocationResult:
     path: Path
     eigen_computed: list[int]
     seconds: float
-
-
-def check_ratio(ratio: float) -> None:
-    if not 0.0 < ratio <= 1.0:
-        raise SwiftSVDError(f"--ratio {ratio} is outside (0, 1]: it is the fraction of parameters kept (0.8 keeps 80%)")
-
-
-def load_complete_manifest(work: Path) -> CalibrationManifest:
-    if not (work / MANIFEST).is_file():
-        raise SwiftSVDError(f"{work} has no calibration (manifest.json): run `swiftsvd calibrate MODEL --out {work}`")
-    manifest = CalibrationManifest.load(work)
-    if not manifest.complete:
-        raise SwiftSVDError(
-            f"{work} holds {len(manifest.layers)} of {manifest.model.num_layers} calibrated layers: "
-            "rerun `swiftsvd calibrate` with the same settings to finish it"
-        )
-    return manifest
-
-
-def load_matching_model(manifest: CalibrationManifest, spec: str | None, device: str) -> LoadedModel:
-    """The calibrated model, refusing any other (a WORK from another model is a silent-garbage risk)."""
-    loaded = load_model(spec or manifest.model.spec, revision=manifest.model.revision, dtype="float32", device=device)
-    if loaded.fingerprint != manifest.model.fingerprint:
-        raise SwiftSVDError(
-            f"model '{loaded.spec}' is not the one this WORK was calibrated on "
-            f"({manifest.model.model_id}): pass the right model or recalibrate"
-        )
-    return loaded
-
-
-@dataclass(frozen=True)
-class CalibratedSpectra:
-    """A WORK's model and the spectrum of every target linear: what plans and reports are made from."""
-
-    loaded: LoadedModel
-    spec: ArchSpec
-    eigenvalues: dict[tuple[int, str], torch.Tensor]  # (layer, module) -> all eigenvalues of C
-    shapes: dict[str, tuple[int, int]]  # module -> (m, n), the same in every layer
-    computed: list[int]  # layers eigendecomposed by this call (the others were cached)
-
-
-def load_spectra(work: Path, manifest: CalibrationManifest, model: str | None, device: str) -> CalibratedSpectra:
-    """Load the calibrated model, eigendecompose the layers not cached yet, and read every spectrum."""
-    loaded = load_matching_model(manifest, model, device)
-    spec = arch_for(loaded.model.config)
-    computed = ensure_eigenbases(work, manifest, loaded.model, spec, device)
-    linears = target_linears(decoder_layers(loaded.model, spec)[0], spec)
-    shapes = {name: (linear.out_features, linear.in_features) for name, linear in linears.items()}
-    return CalibratedSpectra(loaded, spec, read_eigenvalues(work, manifest, spec), shapes, computed)
 
 
 def plan_ranks(
@@ -139,30 +87,6 @@ def plan_ranks(
             )
         )
     return ranks
-
-
-@contextmanager
-def reconstructed(model: nn.Module, spec: ArchSpec, ranks: RankMap, factors_of: FactorSource) -> Iterator[None]:
-    """Temporarily replace each factored weight by its dense rank-k reconstruction A B."""
-    saved: list[tuple[torch.Tensor, torch.Tensor]] = []  # (weight, its original values)
-    try:
-        for index, layer in enumerate(decoder_layers(model, spec)):
-            linears = target_linears(layer, spec)
-            wanted = {
-                name: k
-                for (i, name), k in ranks.items()
-                if i == index and not is_dense(linears[name].out_features, linears[name].in_features, k)
-            }
-            for name, (A, B) in factors_of(index, linears, wanted).items():
-                weight = linears[name].weight
-                saved.append((weight, weight.detach().clone()))
-                with torch.no_grad():
-                    weight.copy_((A @ B).to(weight.dtype))
-        yield
-    finally:
-        with torch.no_grad():
-            for weight, original in saved:
-                weight.copy_(original)
 
 
 def run_allocate(options: AllocateOptions) -> AllocationResult:

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from swiftsvd_cli.baselines import svd_llm_factors
-from swiftsvd_cli.linalg import eigenbasis, factorize, uniform_rank
+from swiftsvd_cli.core.baselines import svd_llm_factors
+from swiftsvd_cli.core.linalg import eigenbasis, factorize, uniform_rank
 
 FP32 = torch.float32
 SETTINGS = ("gaussian", "ill-conditioned", "rank-deficient")

@@ -52,11 +52,6 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 
-def matrix_kind(module: str) -> str:
-    """The matrix type of a module path ("self_attn.q_proj" -> "q_proj"): Algorithm 2 allocates within one."""
-    return module.rpartition(".")[2]
-
-
 def arch_for(config: Any) -> ArchSpec:
     """The adapter for a transformers config; an unknown family is a user-facing error."""
     model_type = getattr(config, "model_type", None)
@@ -64,7 +59,7 @@ def arch_for(config: Any) -> ArchSpec:
         supported = ", ".join(sorted(ARCHITECTURES))
         raise SwiftSVDError(
             f"unsupported architecture '{model_type}': supported are {supported} "
-            "(add a row to ARCHITECTURES in swiftsvd_cli/architectures.py)"
+            "(add a row to ARCHITECTURES in swiftsvd_cli/model/architectures.py)"
         )
     return ARCHITECTURES[model_type]
 

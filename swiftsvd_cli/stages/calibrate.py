@@ -17,15 +17,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from swiftsvd_cli import artifacts
-from swiftsvd_cli.architectures import ArchSpec, arch_for, decoder_layers, target_linears
-from swiftsvd_cli.artifacts import CalibrationManifest, CalibrationSettings, LayerRecord, ModelInfo
-from swiftsvd_cli.data import calibration_windows, load_text, tokenize
+from swiftsvd_cli.artifacts import store
+from swiftsvd_cli.artifacts.manifest import MANIFEST, CalibrationManifest, CalibrationSettings, LayerRecord, ModelInfo
+from swiftsvd_cli.config import BATCH_SIZE, SAMPLES, SEED, SEQLEN
+from swiftsvd_cli.core.linalg import accumulate_gram, make_empty_gram
+from swiftsvd_cli.data.text import calibration_windows, load_text, tokenize
 from swiftsvd_cli.errors import SwiftSVDError
-from swiftsvd_cli.layerwise import capture_first_layer_inputs, iterate_batches, layer_output
-from swiftsvd_cli.linalg import accumulate_gram, make_empty_gram
 from swiftsvd_cli.log import progress
-from swiftsvd_cli.models import LoadedModel, ModelSource
+from swiftsvd_cli.model.architectures import ArchSpec, arch_for, decoder_layers, target_linears
+from swiftsvd_cli.model.layerwise import capture_first_layer_inputs, iterate_batches, layer_output
+from swiftsvd_cli.model.loading import LoadedModel, ModelSource
 
 logger = logging.getLogger("swiftsvd")
 DERIVED = ("eigen", "plans", "importance.json")  # artifacts computed from the Grams, invalid without them
@@ -36,10 +37,10 @@ class CalibrateOptions:
     source: ModelSource
     work: Path
     data: str = "wikitext2"
-    samples: int = 256
-    seqlen: int = 2048
-    seed: int = 3  # SVD-LLM's calibration seed
-    batch_size: int = 4
+    samples: int = SAMPLES
+    seqlen: int = SEQLEN
+    seed: int = SEED
+    batch_size: int = BATCH_SIZE
     force: bool = False
 
 
@@ -70,14 +71,14 @@ def model_info(loaded: LoadedModel, num_layers: int) -> ModelInfo:
 
 
 def _existing_manifest(work: Path) -> CalibrationManifest | None:
-    return CalibrationManifest.load(work) if (work / artifacts.MANIFEST).exists() else None
+    return CalibrationManifest.load(work) if (work / MANIFEST).exists() else None
 
 
 def _check_compatible(
     old: CalibrationManifest, model: ModelInfo, settings: CalibrationSettings, force: bool, work: Path
 ) -> bool:
     """True if `old` can be resumed; with --force a mismatching WORK is cleared, otherwise refused."""
-    changed = (["model"] if old.model.fingerprint != model.fingerprint else []) + artifacts.differences(
+    changed = (["model"] if old.model.fingerprint != model.fingerprint else []) + store.differences(
         old.settings, settings
     )
     if not changed:
@@ -177,7 +178,7 @@ def run_calibrate(options: CalibrateOptions) -> CalibrationResult:
     missing = [
         i
         for i in range(len(layers))
-        if i not in manifest.layers or not artifacts.shard_is_valid(work, manifest.layers[i].shard)
+        if i not in manifest.layers or not store.shard_is_valid(work, manifest.layers[i].shard)
     ]
     for index in missing:
         manifest.layers.pop(index, None)
@@ -186,7 +187,7 @@ def run_calibrate(options: CalibrateOptions) -> CalibrationResult:
     manifest.save(work)
     if missing:
         _run_layers(loaded.model, layers, spec, windows, options.batch_size, device, manifest, work, missing)
-    artifacts.atomic_write_json(work / "importance.json", manifest.importance())
+    store.atomic_write_json(work / "importance.json", manifest.importance())
     return CalibrationResult(manifest, missing, time.perf_counter() - start)
 
 
@@ -217,7 +218,7 @@ def _run_layers(
             if stats is not None:
                 tensors = stats.remove()
                 tokens = int(tensors["tokens"])
-                shard = artifacts.write_shard(work, shard_name(index), tensors)
+                shard = store.write_shard(work, shard_name(index), tensors)
                 manifest.layers[index] = LayerRecord(shard=shard, tokens=tokens, importance=importance / tokens)
                 manifest.save(work)
                 logger.debug("layer %d: %d tokens, importance %.4f", index, tokens, importance / tokens)

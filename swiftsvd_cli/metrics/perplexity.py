@@ -2,7 +2,7 @@
 
 The metric, so that numbers line up with the peers' tables:
 
-1. The whole test text is tokenised once by `swiftsvd_cli.data.tokenize` (`tokenizer(text)`), as the
+1. The whole test text is tokenised once by `swiftsvd_cli.data.text.tokenize` (`tokenizer(text)`), as the
    field's scripts do (SVD-LLM `get_test_data`, the Swift-SVD shell pipeline). For Llama-style tokenizers
    this prepends one BOS token to the *whole text*, not one per window; no other special tokens are added.
 2. The ids are cut into non-overlapping windows of `seqlen` tokens; the ragged tail is dropped.

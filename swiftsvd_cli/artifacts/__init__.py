@@ -1,0 +1,1 @@
+"""On-disk artifacts: the atomic, checksummed store and one module per artifact format."""

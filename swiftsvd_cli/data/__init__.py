@@ -1,0 +1,1 @@
+"""Text sources for calibration, validation and perplexity, and the bundled demo assets."""

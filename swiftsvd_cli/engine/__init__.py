@@ -1,0 +1,1 @@
+"""Machinery several stages share over a WORK directory: the eigenbasis cache, spectra and factor sources."""

@@ -1,0 +1,1 @@
+"""What `eval` measures: perplexity, zero-shot accuracy, size and speed."""

@@ -1,0 +1,1 @@
+"""Models: architecture adapters, loading, layer-by-layer execution, low-rank modules and compressed checkpoints."""

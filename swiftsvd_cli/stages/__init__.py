@@ -1,0 +1,1 @@
+"""The pipeline stages, one public entry each; stages never import each other (only `pipeline` composes them)."""
