@@ -1,20 +1,28 @@
-"""The `swiftsvd` command line: thin commands that build options, call a stage and print a summary."""
+"""The `swiftsvd` command line: thin commands that build options, call a stage and print a summary.
+
+Every command also takes `--config NAME_OR_PATH` (a recipe, swiftsvd_cli.recipes; explicit flags win) and
+`--verbose` (the debug log), added by `command`. Heavy modules (torch, transformers, the stages) are imported
+inside the command bodies, so `--help` stays fast.
+"""
 
 from __future__ import annotations
 
-import sys
+import enum
+import inspect
+import types
+import typing
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.table import Table
 
 from swiftsvd_cli import __version__, config
+from swiftsvd_cli.config import DType, Method, Strategy
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.log import console, setup_logging
-from swiftsvd_cli.tables import human_bytes, plan_table
+from swiftsvd_cli.recipes import KEYS, load_recipe
 
 app = typer.Typer(
     name="swiftsvd",
@@ -26,38 +34,141 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+ONE_SHOT = "One shot (--ratio)"  # help panel of the options only the one shot uses; refused with --plan
+DEMO_DEFAULT = "demo: configs/demo.yaml's"
+
+
+def _device(value: str | None) -> str | None:
+    try:
+        return config.check_device(value)
+    except SwiftSVDError as error:
+        raise typer.BadParameter(str(error)) from None
+
 
 ModelArg = Annotated[
-    str, typer.Argument(help="Hub id, local HF directory, .gguf file, or 'demo' (bundled SmolLM2-135M).")
+    str | None,
+    typer.Argument(
+        help="Hub id, local HF directory, .gguf file, or 'demo' (bundled SmolLM2-135M); or `model` in --config.",
+        show_default=False,
+    ),
 ]
 DataOpt = Annotated[
     str, typer.Option("--data", help="wikitext2 | c4 | ptb | demo (bundled Brown Corpus) | PATH (.txt, .jsonl).")
 ]
-DtypeOpt = Annotated[
-    str, typer.Option(help="auto | float32 | bfloat16 | float16 (auto: float32 on CPU, checkpoint dtype on GPU).")
+DtypeOpt = Annotated[DType, typer.Option(help="auto: float32 on CPU, the checkpoint's dtype on GPU.")]
+DeviceOpt = Annotated[
+    str | None, typer.Option(help="cpu, cuda, cuda:1, mps ... (default: cuda if available).", callback=_device)
 ]
-DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available).")]
 RevisionOpt = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of MODEL.")]
 RemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model's own Python code.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing artifact made with other settings.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the random calibration window positions.")]
+BatchOpt = Annotated[int, typer.Option(help="Calibration windows per forward pass.")]
+RatioOpt = Annotated[
+    float,
+    typer.Option(
+        help="Fraction of the compressed linears' parameters KEPT (paper convention): 1.0 = original, 0.4 keeps 40%."
+    ),
+]
+StrategyOpt = Annotated[Strategy, typer.Option(help="dynamic: paper Algorithm 2, alpha by validation perplexity.")]
+AlphaOpt = Annotated[float | None, typer.Option(help="Fix Algorithm 2's alpha in [0, 1] and skip the grid search.")]
+DeltaOpt = Annotated[float, typer.Option(help="Guaranteed share of the uniform rank per layer (paper: 0.5).")]
+ValSamplesOpt = Annotated[int, typer.Option(help="Validation windows per alpha candidate.")]
+MethodOpt = Annotated[Method, typer.Option(help="swift (ours, optimal); svd, asvd, svd-llm: baselines, same cache.")]
+CONTEXT = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+CONFIG = inspect.Parameter(
+    "config",
+    inspect.Parameter.KEYWORD_ONLY,
+    default=None,
+    annotation=Annotated[
+        str | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="Recipe: a shipped name (demo, paper, llama-2-7b, llama-3-8b, mistral-7b, qwen2.5-7b) or a YAML "
+            "path. Explicit flags win.",
+        ),
+    ],
+)
+VERBOSE = inspect.Parameter(
+    "verbose",
+    inspect.Parameter.KEYWORD_ONLY,
+    default=False,
+    annotation=Annotated[bool, typer.Option("--verbose", "-v", help="Show the debug log.")],
+)
 
 
-def user_errors(command: F) -> F:
-    """Print a `SwiftSVDError` as one red line and exit 1: users never see a traceback for their mistakes."""
+def command(*, skip: tuple[str, ...] = ()) -> Callable[[F], F]:
+    """Make `body` a command: --config and --verbose, recipe values for options not given, user errors as one line.
 
-    @wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        setup_logging(verbose=False)
-        try:
-            return command(*args, **kwargs)
-        except SwiftSVDError as error:
-            console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted: finished artifacts are kept; rerun to resume[/yellow]")
-            raise typer.Exit(130) from None
+    A recipe sets the options of `body` named like its keys (minus `skip`), unless given on the command line.
+    A `SwiftSVDError` is printed as one red line with exit code 1: users never see a traceback for their mistakes.
+    """
 
-    return wrapper  # type: ignore[return-value]
+    def decorate(body: F) -> F:
+        signature = inspect.signature(body, eval_str=True)
+        settable = {name: p.annotation for name, p in signature.parameters.items() if name in KEYS and name not in skip}
+        passes_context = "ctx" in signature.parameters  # the body reads the command line itself
+
+        @wraps(body)
+        def wrapper(
+            *args: Any, ctx: typer.Context, config: str | None = None, verbose: bool = False, **kwargs: Any
+        ) -> Any:
+            setup_logging(verbose=verbose)
+            try:
+                if config is not None:
+                    recipe = load_recipe(config)
+                    for key, value in recipe.values.items():
+                        if key in settable and not _given(ctx, key):
+                            kwargs[key] = _coerce(value, settable[key], f"{recipe.source}: {key}")
+                return body(*args, **kwargs, **({"ctx": ctx} if passes_context else {}))
+            except SwiftSVDError as error:
+                console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None
+            except KeyboardInterrupt:
+                console.print("[yellow]interrupted: finished artifacts are kept; rerun to resume[/yellow]")
+                raise typer.Exit(130) from None
+
+        own = [p for name, p in signature.parameters.items() if name != "ctx"]
+        wrapper.__signature__ = signature.replace(parameters=[CONTEXT, *own, CONFIG, VERBOSE])  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether option `name` was set on the command line (or by its environment variable), not by its default."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """A recipe value as the option's type (Annotated[int | None, ...] -> int or None); else a one-line error."""
+    kind = typing.get_args(annotation)[0] if typing.get_origin(annotation) is Annotated else annotation
+    options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if isinstance(option, type) and issubclass(option, enum.Enum) and value in {m.value for m in option}:
+            return option(value)
+        if option is bool and isinstance(value, bool):
+            return value
+        if option in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if option is float or isinstance(value, int):
+                return option(value)
+        if option in (str, Path) and isinstance(value, str):
+            return option(value)
+    expected = " or ".join(
+        "one of " + ", ".join(m.value for m in o) if isinstance(o, type) and issubclass(o, enum.Enum) else o.__name__
+        for o in options
+    )
+    raise SwiftSVDError(f"{where} must be {expected}, not {value!r}")
+
+
+def _model(model: str | None) -> str:
+    if model is None:
+        raise SwiftSVDError("give MODEL (or a --config recipe with a `model` key)")
+    return model
 
 
 def _version(value: bool) -> None:
@@ -79,16 +190,16 @@ def main(
 
 
 @app.command()
-@user_errors
+@command()
 def calibrate(
-    model: ModelArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="WORK directory for the covariance shards.")],
-    data: DataOpt = "wikitext2",
+    model: ModelArg = None,
+    data: DataOpt = config.DATA,
     samples: Annotated[int, typer.Option(help="Calibration windows (the field uses 256).")] = config.SAMPLES,
     seqlen: Annotated[int, typer.Option(help="Tokens per window (the field uses 2048).")] = config.SEQLEN,
-    seed: Annotated[int, typer.Option(help="Seed of the random window positions.")] = config.SEED,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = config.BATCH_SIZE,
-    dtype: DtypeOpt = "auto",
+    seed: SeedOpt = config.SEED,
+    batch_size: BatchOpt = config.BATCH_SIZE,
+    dtype: DtypeOpt = config.DTYPE,
     device: DeviceOpt = None,
     revision: RevisionOpt = None,
     trust_remote_code: RemoteCodeOpt = False,
@@ -97,9 +208,11 @@ def calibrate(
     """Accumulate float64 input Grams per layer and input group; resumes an interrupted run."""
     from swiftsvd_cli.model.loading import ModelSource
     from swiftsvd_cli.stages.calibrate import CalibrateOptions, run_calibrate
+    from swiftsvd_cli.tables import calibration_table
 
+    source = ModelSource(_model(model), dtype, device, revision, trust_remote_code)
     options = CalibrateOptions(
-        source=ModelSource(model, dtype, device, revision, trust_remote_code),
+        source=source,
         work=out,
         data=data,
         samples=samples,
@@ -108,116 +221,98 @@ def calibrate(
         batch_size=batch_size,
         force=force,
     )
-    result = run_calibrate(options)
-    manifest = result.manifest
-    importance = manifest.importance()
-    table = Table(title=f"calibration of {manifest.model.model_id}", show_header=False)
-    table.add_row(
-        "layers",
-        f"{len(manifest.layers)} ({len(result.computed_layers)} computed, "
-        f"{len(manifest.layers) - len(result.computed_layers)} reused)",
-    )
-    table.add_row("tokens", f"{manifest.layers[0].tokens:,} ({manifest.settings.samples} x {manifest.settings.seqlen})")
-    table.add_row("data", manifest.settings.data_id)
-    table.add_row("time", f"{result.seconds:.1f} s")
-    table.add_row("disk", human_bytes(result.disk_bytes))
-    table.add_row("importance", f"{min(importance):.4f} .. {max(importance):.4f}")
-    table.add_row("output", str(out))
-    console.print(table)
-
-
-RatioOpt = Annotated[
-    float,
-    typer.Option(
-        help="Fraction of the compressed linears' parameters KEPT (paper convention): 1.0 = original, 0.4 keeps 40%."
-    ),
-]
-StrategyOpt = Annotated[
-    str, typer.Option(help="dynamic (paper Algorithm 2, alpha chosen by validation perplexity) | uniform.")
-]
-AlphaOpt = Annotated[float | None, typer.Option(help="Fix Algorithm 2's alpha in [0, 1] and skip the grid search.")]
-MethodOpt = Annotated[
-    str, typer.Option(help="swift (ours, optimal) | svd | asvd | svd-llm (baselines on the same cache).")
-]
+    console.print(calibration_table(run_calibrate(options), out))
 
 
 @app.command()
-@user_errors
+@command(skip=("model",))  # allocate's --model relocates the calibrated model; a recipe's model is a hub id
 def allocate(
     work: Annotated[Path, typer.Argument(help="WORK directory written by `swiftsvd calibrate`.")],
     ratio: RatioOpt,
-    strategy: StrategyOpt = "dynamic",
+    strategy: StrategyOpt = config.STRATEGY,
     alpha: AlphaOpt = None,
-    delta: Annotated[
-        float, typer.Option(help="Guaranteed share of the uniform rank per layer (paper: 0.5).")
-    ] = config.DELTA,
-    method: MethodOpt = "swift",
+    delta: DeltaOpt = config.DELTA,
+    method: MethodOpt = config.METHOD,
     model: Annotated[str | None, typer.Option(help="Model, if not where WORK says (e.g. moved directory).")] = None,
     val_data: Annotated[
         str | None, typer.Option(help="Text scoring the alpha grid (default: the calibration text).")
     ] = None,
-    val_samples: Annotated[int, typer.Option(help="Validation windows per alpha candidate.")] = config.VAL_SAMPLES,
+    val_samples: ValSamplesOpt = config.VAL_SAMPLES,
     name: Annotated[str | None, typer.Option(help="Plan name (default ratio-R-STRATEGY).")] = None,
     device: DeviceOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing plan of that name.")] = False,
 ) -> None:
     """Eigenbases (computed once, cached in WORK) and a rank plan for a ratio: WORK/plans/NAME.json."""
     from swiftsvd_cli.stages.allocate import AllocateOptions, run_allocate
+    from swiftsvd_cli.tables import allocation_summary, plan_table
 
-    result = run_allocate(
-        AllocateOptions(
-            work=work,
-            ratio=ratio,
-            strategy=strategy,
-            alpha=alpha,
-            delta=delta,
-            method=method,
-            model=model,
-            val_data=val_data,
-            val_samples=val_samples,
-            name=name,
-            device=device,
-            force=force,
-        )
+    options = AllocateOptions(
+        work=work,
+        ratio=ratio,
+        strategy=strategy,
+        alpha=alpha,
+        delta=delta,
+        method=method,
+        model=model,
+        val_data=val_data,
+        val_samples=val_samples,
+        name=name,
+        device=device,
+        force=force,
     )
+    result = run_allocate(options)
     console.print(plan_table(result.plan))
-    console.print(
-        f"plan: {result.path}  ({len(result.eigen_computed)} layers eigendecomposed, {result.seconds:.1f} s)",
-        highlight=False,
-    )
+    console.print(allocation_summary(result), highlight=False)
 
 
 @app.command()
-@user_errors
+@command()
 def compress(
-    model: ModelArg,
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for the compressed model.")],
+    model: ModelArg = None,
     plan: Annotated[Path | None, typer.Option(help="Rank plan from `swiftsvd allocate` (else give --ratio).")] = None,
     ratio: Annotated[
         float | None,
         typer.Option(help="One shot: calibrate/allocate as needed, then compress. Fraction of parameters KEPT."),
     ] = None,
-    work: Annotated[
-        Path | None,
-        typer.Option(help="One shot: WORK directory (default: a cache folder per model and settings)."),
-    ] = None,
-    strategy: StrategyOpt = "dynamic",
-    alpha: AlphaOpt = None,
-    method: MethodOpt = "swift",
+    method: MethodOpt = config.METHOD,
     merge: Annotated[
         bool, typer.Option("--merge", help="Write a plain dense checkpoint (loads without swiftsvd).")
     ] = False,
+    work: Annotated[
+        Path | None,
+        typer.Option(help="WORK directory (default: a cache folder per model and settings).", rich_help_panel=ONE_SHOT),
+    ] = None,
+    strategy: Annotated[Strategy, typer.Option(help="Rank allocation.", rich_help_panel=ONE_SHOT)] = config.STRATEGY,
+    alpha: Annotated[
+        float | None, typer.Option(help="Fix Algorithm 2's alpha in [0, 1].", rich_help_panel=ONE_SHOT)
+    ] = None,
+    delta: Annotated[float, typer.Option(help="Algorithm 2's delta.", rich_help_panel=ONE_SHOT)] = config.DELTA,
     data: Annotated[
         str | None,
-        typer.Option(help="One shot: calibration data (default wikitext2; demo for the demo model)."),
+        typer.Option(help=f"Calibration data (default {config.DATA}; {DEMO_DEFAULT}).", rich_help_panel=ONE_SHOT),
     ] = None,
     samples: Annotated[
-        int | None, typer.Option(help="One shot: calibration windows (default 256; 64 for demo).")
+        int | None,
+        typer.Option(help=f"Calibration windows (default {config.SAMPLES}; {DEMO_DEFAULT}).", rich_help_panel=ONE_SHOT),
     ] = None,
     seqlen: Annotated[
-        int | None, typer.Option(help="One shot: tokens per window (default 2048; 512 for demo).")
+        int | None,
+        typer.Option(help=f"Tokens per window (default {config.SEQLEN}; {DEMO_DEFAULT}).", rich_help_panel=ONE_SHOT),
     ] = None,
-    dtype: DtypeOpt = "auto",
+    seed: Annotated[int, typer.Option(help="Calibration window seed.", rich_help_panel=ONE_SHOT)] = config.SEED,
+    batch_size: Annotated[
+        int, typer.Option(help="Calibration windows per forward pass.", rich_help_panel=ONE_SHOT)
+    ] = config.BATCH_SIZE,
+    val_samples: Annotated[
+        int | None,
+        typer.Option(
+            help=f"Validation windows per alpha (default {config.VAL_SAMPLES}; {DEMO_DEFAULT}).",
+            rich_help_panel=ONE_SHOT,
+        ),
+    ] = None,
+    dtype: DtypeOpt = config.DTYPE,
     device: DeviceOpt = None,
     revision: RevisionOpt = None,
     trust_remote_code: RemoteCodeOpt = False,
@@ -225,51 +320,53 @@ def compress(
 ) -> None:
     """Compress MODEL by a plan (--plan) or in one shot (--ratio), into a loadable low-rank checkpoint."""
     from swiftsvd_cli.model.loading import ModelSource
-    from swiftsvd_cli.stages.compress import CompressOptions, run_compress
-    from swiftsvd_cli.stages.pipeline import OneShotOptions, run_oneshot
+    from swiftsvd_cli.stages.compress import CompressOptions
+    from swiftsvd_cli.stages.pipeline import OneShotOptions, compress
+    from swiftsvd_cli.tables import compression_table, plan_table
 
     if (plan is None) == (ratio is None):
         raise SwiftSVDError("give exactly one of --plan PLAN or --ratio RATIO")
-    seconds: dict[str, float] = {}
-    source = ModelSource(model, dtype, device, revision, trust_remote_code)
+    if plan is not None and (given := _given_in_panel(ctx, ONE_SHOT)):
+        raise SwiftSVDError(f"{', '.join(given)} only apply to the one shot (--ratio), not to --plan")
+    source = ModelSource(_model(model), dtype, device, revision, trust_remote_code)
+    options: CompressOptions | OneShotOptions
     if plan is not None:
-        result = run_compress(
-            CompressOptions(source=source, out=out, plan=plan, method=method, merge=merge, force=force)
-        )
+        options = CompressOptions(source=source, out=out, plan=plan, method=method, merge=merge, force=force)
     else:
-        assert ratio is not None
-        oneshot = run_oneshot(
-            OneShotOptions(
-                source=source,
-                ratio=ratio,
-                out=out,
-                work=work,
-                strategy=strategy,
-                alpha=alpha,
-                method=method,
-                merge=merge,
-                data=data,
-                samples=samples,
-                seqlen=seqlen,
-                force=force,
-            )
+        options = OneShotOptions(
+            source=source,
+            ratio=ratio or 0.0,
+            out=out,
+            work=work,
+            strategy=strategy,
+            alpha=alpha,
+            delta=delta,
+            method=method,
+            merge=merge,
+            data=data,
+            samples=samples,
+            seqlen=seqlen,
+            val_samples=val_samples,
+            seed=seed,
+            batch_size=batch_size,
+            force=force,
         )
-        result, seconds = oneshot.compress, oneshot.stage_seconds
+    result = compress(options)
     console.print(plan_table(result.plan))
-    table = Table(title=f"compressed {result.plan.model.model_id} -> {result.out}", show_header=False)
-    table.add_row("method", method + (" (merged dense)" if merge else ""))
-    table.add_row(
-        "parameters",
-        f"{result.params_before:,} -> {result.params_after:,} "
-        f"({result.params_after / result.params_before:.1%} of the model)",
-    )
-    for stage, value in (seconds or {"compress": result.seconds}).items():
-        table.add_row(f"time: {stage}", f"{value:.1f} s")
-    console.print(table)
+    console.print(compression_table(result, method, merge))
+
+
+def _given_in_panel(ctx: typer.Context, panel: str) -> list[str]:
+    """The options of help panel `panel` set on the command line (recipe values do not count)."""
+    return [
+        f"--{param.name.replace('_', '-')}"
+        for param in ctx.command.params
+        if getattr(param, "rich_help_panel", None) == panel and param.name is not None and _given(ctx, param.name)
+    ]
 
 
 @app.command("eval")
-@user_errors
+@command()
 def eval_(
     targets: Annotated[
         list[str],
@@ -286,22 +383,24 @@ def eval_(
             help="Comma list: perplexity data (wikitext2, ptb, c4, demo, PATH.txt/.jsonl) and/or lm-eval "
             "tasks (openbookqa, arc_easy, arc_challenge, winogrande, hellaswag, piqa, mathqa, ...).",
         ),
-    ] = "wikitext2",
+    ] = config.EVAL_TASKS,
     seqlen: Annotated[int, typer.Option(help="Perplexity window length (the field uses 2048).")] = config.SEQLEN,
     limit: Annotated[int | None, typer.Option(help="Only the first N perplexity windows per dataset.")] = None,
     zeroshot_limit: Annotated[int | None, typer.Option(help="Only the first N examples per zero-shot task.")] = None,
     include_path: Annotated[
         Path | None, typer.Option(help="Folder of extra lm-eval task YAMLs (e.g. local, offline tasks).")
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Windows (or lm-eval requests) per forward pass.")] = 1,
+    batch_size: Annotated[
+        int, typer.Option(help="Windows (or lm-eval requests) per forward pass.")
+    ] = config.EVAL_BATCH_SIZE,
     bench: Annotated[
         bool, typer.Option("--bench", help="Also measure prefill/decode tokens/s and peak memory.")
     ] = False,
-    bench_prompt_len: Annotated[int, typer.Option(help="Prompt tokens for --bench.")] = 128,
-    bench_new_tokens: Annotated[int, typer.Option(help="Greedy new tokens for --bench.")] = 32,
-    bench_repeats: Annotated[int, typer.Option(help="Timed repeats for --bench (median).")] = 3,
+    bench_prompt_len: Annotated[int, typer.Option(help="Prompt tokens for --bench.")] = config.BENCH_PROMPT_LEN,
+    bench_new_tokens: Annotated[int, typer.Option(help="Greedy new tokens for --bench.")] = config.BENCH_NEW_TOKENS,
+    bench_repeats: Annotated[int, typer.Option(help="Timed repeats for --bench (median).")] = config.BENCH_REPEATS,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the JSON report here.")] = None,
-    dtype: DtypeOpt = "auto",
+    dtype: DtypeOpt = config.DTYPE,
     device: DeviceOpt = None,
     trust_remote_code: RemoteCodeOpt = False,
     force: ForceOpt = False,
@@ -332,7 +431,7 @@ def eval_(
 
 
 @app.command()
-@user_errors
+@command(skip=("model",))  # report's --model relocates the calibrated model; a recipe's model is a hub id
 def report(
     work: Annotated[Path, typer.Argument(help="WORK directory written by `swiftsvd calibrate`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the plots and README.md summary.")],
@@ -342,41 +441,17 @@ def report(
 ) -> None:
     """Spectra, NER vs layer importance and rank plots plus a markdown summary: where is the model compressible?"""
     from swiftsvd_cli.stages.report import ReportOptions, run_report
+    from swiftsvd_cli.tables import report_table
 
     result = run_report(ReportOptions(work=work, out=out, plan=plan, model=model, device=device))
-    table = Table(title=f"compressibility report -> {result.summary}")
-    for column in ("matrix", "shape", "mean NER", "NER vs importance r"):
-        table.add_column(column)
-    for summary in result.types:
-        table.add_row(
-            summary.kind,
-            f"{summary.shape[0]}x{summary.shape[1]}",
-            f"{summary.mean_ner:.3f}",
-            f"{summary.ner_importance_r:+.2f}",
-        )
-    console.print(table)
+    console.print(report_table(result))
     console.print(f"{len(result.figures)} figures in {out}", highlight=False)
 
 
 @app.command()
-@user_errors
+@command()
 def env() -> None:
     """Versions and devices: paste this into a bug report."""
-    import platform
+    from swiftsvd_cli.tables import env_table
 
-    import accelerate
-    import torch
-    import transformers
-
-    table = Table(title="swiftsvd environment", show_header=False)
-    table.add_row("swiftsvd", __version__)
-    table.add_row("python", sys.version.split()[0])
-    table.add_row("platform", platform.platform())
-    for module in (torch, transformers, accelerate):
-        table.add_row(module.__name__, module.__version__)
-    table.add_row("cuda", str(torch.version.cuda) if torch.cuda.is_available() else "not available")
-    for index in range(torch.cuda.device_count()):
-        properties = torch.cuda.get_device_properties(index)
-        table.add_row(f"cuda:{index}", f"{properties.name}, {human_bytes(properties.total_memory)}")
-    table.add_row("cpu threads", str(torch.get_num_threads()))
-    console.print(table)
+    console.print(env_table())

@@ -1,17 +1,66 @@
-"""Settings shared by the CLI, the stages and the one-shot pipeline: every default is defined here, once."""
+"""Settings shared by the CLI, the stages and the one-shot pipeline: every default and every choice, defined once.
+
+Imports nothing heavy (no torch): the CLI builds its `--help` from this module.
+"""
 
 from __future__ import annotations
 
+import re
+from enum import Enum
+from typing import TypeVar
+
 from swiftsvd_cli.errors import SwiftSVDError
 
+
+class Choice(str, Enum):
+    """A closed set of values for an option: Typer lists them in `--help` and its parser rejects typos."""
+
+    def __str__(self) -> str:  # "dynamic", not "Strategy.DYNAMIC", in file names and messages
+        return str(self.value)
+
+
+class Strategy(Choice):
+    """How ranks are spread over layers."""
+
+    DYNAMIC = "dynamic"  # the paper's Algorithm 2, alpha by validation perplexity
+    UNIFORM = "uniform"  # floor(m n / (m + n) · ρ) for every matrix
+
+
+class Method(Choice):
+    """How a matrix is factored at a given rank (the baselines run from the same calibration)."""
+
+    SWIFT = "swift"  # ours: top eigenvectors of W G Wᵀ, optimal
+    SVD = "svd"  # truncated SVD of W, activation-unaware
+    ASVD = "asvd"  # SVD of W diag(mean |x|)^0.5
+    SVD_LLM = "svd-llm"  # SVD-LLM's Cholesky whitening
+
+
+class DType(Choice):
+    """The dtype a model computes in; `auto` is float32 on CPU and the checkpoint's dtype on an accelerator."""
+
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+C = TypeVar("C", bound=Choice)
+
+DATA = "wikitext2"
+"""Calibration text: the field's (SVD-LLM's) WikiText-2 train split."""
+
 SEED = 3
-"""Seed of the random calibration window positions."""
+"""Seed of the random calibration window positions (SVD-LLM's)."""
 
 SAMPLES, SEQLEN = 256, 2048
-"""Calibration windows and tokens per window: the field's protocol (256 x 2048)."""
+"""Calibration windows and tokens per window: the field's protocol (256 x 2048); SEQLEN is also eval's window."""
 
 BATCH_SIZE = 4
-"""Calibration windows per forward pass."""
+"""Calibration windows per forward pass (also the windows per forward pass of the alpha search)."""
+
+STRATEGY = Strategy.DYNAMIC
+METHOD = Method.SWIFT
+DTYPE = DType.AUTO
 
 DELTA = 0.5
 """Algorithm 2's guaranteed share of the uniform rank per layer (the paper fixes 0.5)."""
@@ -22,8 +71,33 @@ VAL_SAMPLES = 8
 ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 """The paper's α grid {0, 0.1, ..., 1} for Algorithm 2."""
 
+EVAL_TASKS = "wikitext2"
+EVAL_BATCH_SIZE = 1
+"""Perplexity windows (or lm-eval requests) per forward pass in `eval`."""
+
+BENCH_PROMPT_LEN, BENCH_NEW_TOKENS, BENCH_REPEATS = 128, 32, 3
+"""`eval --bench`: prompt tokens, greedy new tokens, timed repeats (the median is reported)."""
+
+DEVICE_PATTERN = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")
+
 
 def check_ratio(ratio: float) -> None:
     """ρ is the kept fraction: (0, 1], anything else is a user error."""
     if not 0.0 < ratio <= 1.0:
         raise SwiftSVDError(f"--ratio {ratio} is outside (0, 1]: it is the fraction of parameters kept (0.8 keeps 80%)")
+
+
+def check_device(device: str | None) -> str | None:
+    """`cpu`, `cuda`, `cuda:1`, `mps`, `xpu` (or None: cuda if available); anything else is a user error."""
+    if device is not None and not DEVICE_PATTERN.fullmatch(device):
+        raise SwiftSVDError(f"unknown device '{device}': use cpu, cuda, cuda:N, mps or xpu")
+    return device
+
+
+def choice(kind: type[C], value: str) -> C:
+    """`value` as a member of `kind` (API callers may pass plain strings); an unknown one lists the valid ones."""
+    try:
+        return kind(value)
+    except ValueError:
+        valid = ", ".join(member.value for member in kind)
+        raise SwiftSVDError(f"unknown {kind.__name__.lower()} '{value}': use one of {valid}") from None

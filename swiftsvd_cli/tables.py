@@ -1,15 +1,25 @@
-"""Rich tables the CLI prints: a rank plan per matrix type, and an eval report side by side (one column per target)."""
+"""What the CLI prints: one rich table (or line) per stage result, a rank plan per matrix type, an eval report
+side by side (one column per target), and the environment. Above the stages (it renders their results), below
+the CLI.
+"""
 
 from __future__ import annotations
 
 import functools
+import platform
+import sys
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
+from swiftsvd_cli import __version__
 from swiftsvd_cli.artifacts.eval_report import EvalReport, TargetReport
 from swiftsvd_cli.artifacts.plan import RankPlan
+from swiftsvd_cli.stages.allocate import AllocationResult
+from swiftsvd_cli.stages.calibrate import CalibrationResult
+from swiftsvd_cli.stages.compress import CompressResult
+from swiftsvd_cli.stages.report import ReportResult
 
 
 def _human(value: float, unit: str = "") -> str:
@@ -123,4 +133,70 @@ def plan_table(plan: RankPlan) -> Table:
             f"{most.rank} ({most.layer})",
             f"{least.rank} ({least.layer})",
         )
+    return table
+
+
+def calibration_table(result: CalibrationResult, out: Path) -> Table:
+    manifest = result.manifest
+    importance = manifest.importance()
+    reused = len(manifest.layers) - len(result.computed_layers)
+    table = Table(title=f"calibration of {manifest.model.model_id}", show_header=False)
+    table.add_row("layers", f"{len(manifest.layers)} ({len(result.computed_layers)} computed, {reused} reused)")
+    table.add_row("tokens", f"{manifest.layers[0].tokens:,} ({manifest.settings.samples} x {manifest.settings.seqlen})")
+    table.add_row("data", manifest.settings.data_id)
+    table.add_row("time", f"{result.seconds:.1f} s")
+    table.add_row("disk", human_bytes(result.disk_bytes))
+    table.add_row("importance", f"{min(importance):.4f} .. {max(importance):.4f}")
+    table.add_row("output", str(out))
+    return table
+
+
+def allocation_summary(result: AllocationResult) -> str:
+    return f"plan: {result.path}  ({len(result.eigen_computed)} layers eigendecomposed, {result.seconds:.1f} s)"
+
+
+def compression_table(result: CompressResult, method: str, merge: bool) -> Table:
+    table = Table(title=f"compressed {result.plan.model.model_id} -> {result.out}", show_header=False)
+    table.add_row("method", f"{method}" + (" (merged dense)" if merge else ""))
+    table.add_row(
+        "parameters",
+        f"{result.params_before:,} -> {result.params_after:,} "
+        f"({result.params_after / result.params_before:.1%} of the model)",
+    )
+    for stage, value in result.seconds.items():
+        table.add_row(f"time: {stage}", f"{value:.1f} s")
+    return table
+
+
+def report_table(result: ReportResult) -> Table:
+    table = Table(title=f"compressibility report -> {result.summary}")
+    for column in ("matrix", "shape", "mean NER", "NER vs importance r"):
+        table.add_column(column)
+    for summary in result.types:
+        table.add_row(
+            summary.kind,
+            f"{summary.shape[0]}x{summary.shape[1]}",
+            f"{summary.mean_ner:.3f}",
+            f"{summary.ner_importance_r:+.2f}",
+        )
+    return table
+
+
+def env_table() -> Table:
+    """Versions and devices, for bug reports."""
+    import accelerate
+    import torch
+    import transformers
+
+    table = Table(title="swiftsvd environment", show_header=False)
+    table.add_row("swiftsvd", __version__)
+    table.add_row("python", sys.version.split()[0])
+    table.add_row("platform", platform.platform())
+    for module in (torch, transformers, accelerate):
+        table.add_row(module.__name__, module.__version__)
+    table.add_row("cuda", str(torch.version.cuda) if torch.cuda.is_available() else "not available")
+    for index in range(torch.cuda.device_count()):
+        properties = torch.cuda.get_device_properties(index)
+        table.add_row(f"cuda:{index}", f"{properties.name}, {human_bytes(properties.total_memory)}")
+    table.add_row("cpu threads", str(torch.get_num_threads()))
     return table

@@ -43,12 +43,12 @@ TINY_SHAPE: dict[str, int] = dict(
 
 
 def build_tiny_model(family: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
-    """A 2-layer random model of `family` ("llama" or "qwen2"), with GQA (4 heads, 2 KV heads)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    """A 2-layer random model of `family` (a `model_type` in ARCHITECTURES), with GQA (4 heads, 2 KV heads)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, max_position_embeddings=256, tie_word_embeddings=False, **TINY_SHAPE)
-    config = LlamaConfig(**common) if family == "llama" else Qwen2Config(**common)
+    config = AutoConfig.for_model(family, **common)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()
     return model

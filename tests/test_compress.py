@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from swiftsvd_cli.artifacts import store
+from swiftsvd_cli.artifacts.eigen import EigenIndex
 from swiftsvd_cli.artifacts.manifest import CalibrationManifest
 from swiftsvd_cli.artifacts.plan import RankPlan
 from swiftsvd_cli.cli import app
@@ -149,13 +150,13 @@ def test_alpha_search_hashes_each_shard_once(work: Path, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(store, "sha256_file", counting)
     plan_for(work, 0.5, "dynamic", val_samples=1)
-    eigen = {str((work / record.file).resolve()) for record in CalibrationManifest.load(work).eigen.values()}
+    eigen = {str((work / record.shard.file).resolve()) for record in EigenIndex.load(work).layers.values()}
     # once each by the cache check, the spectra read and the first reconstruction; not once per candidate (13)
     assert eigen and all(1 <= hashed[name] <= 3 for name in eigen), hashed
 
 
 def test_unverified_reread_still_checks_size(work: Path, tmp_path: Path) -> None:
-    shard = CalibrationManifest.load(work).eigen[0]
+    shard = EigenIndex.load(work).layers[0].shard
     copy = tmp_path / shard.file
     copy.parent.mkdir(parents=True)
     copy.write_bytes((work / shard.file).read_bytes())

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from swiftsvd_cli.artifacts.eval_report import EvalReport
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.model.loading import ModelSource
 from swiftsvd_cli.stages import evaluate as stage
@@ -43,10 +44,11 @@ def test_two_targets_side_by_side(tiny_llama_dir: Path, tiny_text_file: Path, tm
     assert first.fingerprint == second.fingerprint and first.compressed is None
     assert first.size["checkpoint_bytes"] > 0 and first.speed is not None
     assert report.protocol["perplexity"]["datasets"][str(tiny_text_file)]["id"].startswith("file:")
-    assert report.protocol["versions"]["torch"]
+    assert report.provenance.versions["torch"] and report.provenance.inputs[f"target {tiny_llama_dir}"]
 
     data = json.loads(output.read_text())
-    assert data["kind"] == "swiftsvd-eval" and data["format_version"] == 1
+    assert data["kind"] == "eval" and data["format_version"] == EvalReport.FORMAT_VERSION
+    assert EvalReport.load(output) == report  # the written report reads back as it was
     assert data["targets"][1]["perplexity"][str(tiny_text_file)]["ppl"] == ppl["ppl"]
     assert not list(output.parent.glob("*.tmp"))  # atomic write leaves no temp file
 

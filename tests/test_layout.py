@@ -1,9 +1,11 @@
 """The package's import rules, read from the source: layers import only downwards, stages never import each other.
 
 Layers, lowest first: `core` (torch and the standard library only) < `artifacts` < `data` < `model` < `metrics`
-< `engine` < `figures`, `tables` < `stages` < `cli`. A module may import its own package and lower layers
-(`errors`, `log`, `config` and the package root's `__version__` are below everything but `core`). Only
-`stages.pipeline` composes stages; nothing imports `cli` but `__main__`.
+< `engine` < `figures` < `stages` < `tables` (it renders stage results) < `cli`. A module may import its own
+package and lower layers (`errors`, `log`, `config`, `recipes` and the package root's `__version__` are below
+everything but `core`). Only `stages.pipeline` composes stages; nothing imports `cli` but `__main__`. The modeling
+code shipped inside checkpoints (`model/hf`) imports only torch, transformers, the standard library and itself.
+The benchmark script uses only the public surface (`PUBLIC`).
 """
 
 from __future__ import annotations
@@ -20,16 +22,17 @@ LAYERS = {
     "errors": 1,
     "log": 1,
     "config": 2,
+    "recipes": 2,
     "artifacts": 3,
     "data": 4,
     "model": 5,
     "metrics": 6,
     "engine": 7,
     "figures": 8,
-    "tables": 8,
     "stages": 9,
-    "cli": 10,
-    "__main__": 11,
+    "tables": 10,
+    "cli": 11,
+    "__main__": 12,
 }
 
 

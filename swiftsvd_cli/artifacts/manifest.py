@@ -1,17 +1,21 @@
 """The calibration manifest (`WORK/manifest.json`): which model, which data and settings, which shards.
 
-A WORK directory holds this manifest and per-layer shards under `covariance/` (Grams) and `eigen/`
-(eigenbases); every stage that reads a WORK validates the manifest first.
+A WORK directory holds this manifest and per-layer Gram shards under `covariance/`; eigenbases derived from them
+have their own index (`eigen/index.json`, swiftsvd_cli.artifacts.eigen). The manifest also records every target
+linear's shape and the model family, so stages that only need spectra (`report`, `allocate` with cached
+eigenbases) never load the model.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from swiftsvd_cli import __version__
-from swiftsvd_cli.artifacts.store import FORMAT_VERSION, Shard, atomic_write_json, read_json, utc_now
+from swiftsvd_cli.artifacts.format import Artifact, load_artifact
+from swiftsvd_cli.artifacts.provenance import Provenance
+from swiftsvd_cli.artifacts.store import Shard
 from swiftsvd_cli.errors import SwiftSVDError
 
 MANIFEST = "manifest.json"
@@ -51,16 +55,21 @@ class LayerRecord:
     importance: float
 
 
-@dataclass
-class CalibrationManifest:
+@dataclass(frozen=True)
+class CalibrationManifest(Artifact):
+    """A WORK's calibration; `layers` grows (through `with_layer`) as layers are calibrated."""
+
+    KIND: ClassVar[str] = "calibration"
+    FORMAT_VERSION: ClassVar[int] = 2  # 2: shapes, options and provenance; eigen shards moved to eigen/index.json
+    TITLE: ClassVar[str] = "calibration manifest"
+    REMEDY: ClassVar[str] = "recalibrate (`swiftsvd calibrate`) into a new directory, or pass --force"
+
     model: ModelInfo
     settings: CalibrationSettings
+    shapes: dict[str, tuple[int, int]]  # target linear path inside a decoder layer -> (m, n), same in every layer
+    options: dict[str, Any]  # the resolved options of the run that created it (batch size, device, ...)
+    provenance: Provenance
     layers: dict[int, LayerRecord] = field(default_factory=dict)
-    eigen: dict[int, Shard] = field(default_factory=dict)  # eigenbases derived from these Grams and weights
-    kind: str = "calibration"
-    format_version: int = FORMAT_VERSION
-    tool_version: str = __version__
-    created: str = field(default_factory=utc_now)
 
     @property
     def complete(self) -> bool:
@@ -69,42 +78,19 @@ class CalibrationManifest:
     def importance(self) -> list[float]:
         return [self.layers[index].importance for index in range(self.model.num_layers)]
 
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["layers"] = {str(index): asdict(record) for index, record in sorted(self.layers.items())}
-        data["eigen"] = {str(index): asdict(shard) for index, shard in sorted(self.eigen.items())}
-        return data
+    def with_layer(self, index: int, record: LayerRecord | None) -> CalibrationManifest:
+        """This manifest with layer `index` set to `record` (None: dropped, to be recomputed)."""
+        layers = {i: r for i, r in self.layers.items() if i != index}
+        if record is not None:
+            layers[index] = record
+        return dataclasses.replace(self, layers=dict(sorted(layers.items())))
 
-    def save(self, work: Path) -> None:
-        atomic_write_json(work / MANIFEST, self.to_dict())
+    def save_to(self, work: Path) -> None:
+        self.save(work / MANIFEST)
 
     @classmethod
     def load(cls, work: Path) -> CalibrationManifest:
-        data = read_json(work / MANIFEST, "calibration manifest")
-        if not isinstance(data, dict) or data.get("kind") != "calibration":
-            raise SwiftSVDError(f"{work / MANIFEST} is not a swiftsvd calibration manifest")
-        if data.get("format_version") != FORMAT_VERSION:
-            raise SwiftSVDError(
-                f"{work / MANIFEST} has format version {data.get('format_version')}, this swiftsvd reads "
-                f"{FORMAT_VERSION}: recalibrate into a new directory"
-            )
-        try:
-            layers = {
-                int(index): LayerRecord(
-                    shard=Shard(**record["shard"]), tokens=record["tokens"], importance=record["importance"]
-                )
-                for index, record in data["layers"].items()
-            }
-            return cls(
-                model=ModelInfo(**data["model"]),
-                settings=CalibrationSettings(**data["settings"]),
-                layers=layers,
-                eigen={int(index): Shard(**shard) for index, shard in data.get("eigen", {}).items()},
-                tool_version=data["tool_version"],
-                created=data["created"],
-            )
-        except (KeyError, TypeError, ValueError) as error:
-            raise SwiftSVDError(f"{work / MANIFEST} is malformed ({error}): recalibrate") from error
+        return load_artifact(cls, work / MANIFEST)
 
 
 def load_complete_manifest(work: Path) -> CalibrationManifest:

@@ -12,7 +12,6 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from swiftsvd_cli.errors import SwiftSVDError
-
-FORMAT_VERSION = 1
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def umask() -> int:

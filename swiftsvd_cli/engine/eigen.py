@@ -1,9 +1,8 @@
 """Eigenbases of every target linear, computed once per WORK and cached as checksummed shards, and the spectra.
 
 The spectrum of C = W G Wᵀ does not depend on the ratio, so every later `allocate` (any ratio, any
-strategy) and every `compress` reads these shards instead of decomposing again.
-Shard `eigen/layer_XXX.safetensors`: `<module>.eigenvalues` (all, float64) and `<module>.vectors`
-(the top break-even-rank eigenvectors, float32: they become model weights, never more precise than that).
+strategy) and every `compress` reads these shards (format: swiftsvd_cli.artifacts.eigen) instead of
+decomposing again. With every eigenbasis cached, spectra and shapes come from the WORK alone: no model load.
 """
 
 from __future__ import annotations
@@ -13,39 +12,51 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from swiftsvd_cli.artifacts import store
+from swiftsvd_cli.artifacts.eigen import INDEX, EigenIndex, EigenRecord, eigen_shard_name, read_eigenvalues
+from swiftsvd_cli.artifacts.format import VersionMismatchError
 from swiftsvd_cli.artifacts.manifest import CalibrationManifest
+from swiftsvd_cli.artifacts.provenance import make_provenance
 from swiftsvd_cli.core.linalg import group_eigenbases
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.log import progress
-from swiftsvd_cli.model.architectures import ArchSpec, arch_for, decoder_layers, target_linears
+from swiftsvd_cli.model.architectures import ArchSpec, arch_for_type, decoder_layers, target_linears
 from swiftsvd_cli.model.loading import LoadedModel, load_model
 
 logger = logging.getLogger("swiftsvd")
 
 
-def eigen_shard_name(index: int) -> str:
-    return f"eigen/layer_{index:03d}.safetensors"
+def load_eigen_index(work: Path, manifest: CalibrationManifest) -> EigenIndex:
+    """The WORK's eigen index, or an empty one (none yet, or of a format this swiftsvd no longer reads: a cache)."""
+    if (work / INDEX).is_file():
+        try:
+            return EigenIndex.load(work)
+        except VersionMismatchError as error:
+            logger.warning("%s; recomputing the eigenbases", error)
+    return EigenIndex(fingerprint=manifest.model.fingerprint, provenance=make_provenance())
 
 
 def ensure_eigenbases(
-    work: Path, manifest: CalibrationManifest, model: nn.Module, spec: ArchSpec, device: str
-) -> list[int]:
-    """Compute the eigen shards that are missing or invalid; return the layer indices computed."""
+    work: Path,
+    manifest: CalibrationManifest,
+    index: EigenIndex,
+    missing: list[int],
+    model: nn.Module,
+    spec: ArchSpec,
+    device: str,
+) -> EigenIndex:
+    """Compute the eigen shards of the `missing` layers into `index`; return the updated index."""
     layers = decoder_layers(model, spec)
-    missing = [
-        index
-        for index in range(len(layers))
-        if index not in manifest.eigen or not store.shard_is_valid(work, manifest.eigen[index])
-    ]
+    if index.fingerprint != manifest.model.fingerprint:
+        index = EigenIndex(fingerprint=manifest.model.fingerprint, provenance=make_provenance())
     with progress() as bar:
         task = bar.add_task("eigendecompositions", total=len(missing))
-        for index in missing:
-            grams = store.read_shard(work, manifest.layers[index].shard)
-            linears = target_linears(layers[index], spec)
+        for layer in missing:
+            gram_shard = manifest.layers[layer].shard
+            grams = store.read_shard(work, gram_shard)
+            linears = target_linears(layers[layer], spec)
             tensors: dict[str, torch.Tensor] = {}
             for group, names in spec.groups.items():
                 weights = {name: linears[name].weight.detach().to(device) for name in names}
@@ -53,21 +64,11 @@ def ensure_eigenbases(
                 for name, basis in bases.items():
                     tensors[f"{name}.eigenvalues"] = basis.eigenvalues
                     tensors[f"{name}.vectors"] = basis.vectors.to(torch.float32)
-            manifest.eigen[index] = store.write_shard(work, eigen_shard_name(index), tensors)
-            manifest.save(work)
+            shard = store.write_shard(work, eigen_shard_name(layer), tensors)
+            index = index.with_layer(layer, EigenRecord(shard=shard, gram_sha256=gram_shard.sha256))
+            index.save(work / INDEX)
             bar.advance(task)
-    return missing
-
-
-def read_eigenvalues(work: Path, manifest: CalibrationManifest, spec: ArchSpec) -> dict[tuple[int, str], torch.Tensor]:
-    """All spectra, (layer, module) -> eigenvalues, read without loading the eigenvectors."""
-    spectra: dict[tuple[int, str], torch.Tensor] = {}
-    for index, shard in sorted(manifest.eigen.items()):
-        path = store.check_shard(work, shard)
-        with safe_open(str(path), framework="pt") as handle:
-            for name in spec.modules:
-                spectra[(index, name)] = handle.get_tensor(f"{name}.eigenvalues")
-    return spectra
+    return index
 
 
 def load_matching_model(manifest: CalibrationManifest, spec: str | None, device: str) -> LoadedModel:
@@ -83,20 +84,25 @@ def load_matching_model(manifest: CalibrationManifest, spec: str | None, device:
 
 @dataclass(frozen=True)
 class CalibratedSpectra:
-    """A WORK's model and the spectrum of every target linear: what plans and reports are made from."""
+    """The spectrum of every target linear of a WORK: what plans and reports are made from."""
 
-    loaded: LoadedModel
     spec: ArchSpec
+    index: EigenIndex
     eigenvalues: dict[tuple[int, str], torch.Tensor]  # (layer, module) -> all eigenvalues of C
     shapes: dict[str, tuple[int, int]]  # module -> (m, n), the same in every layer
     computed: list[int]  # layers eigendecomposed by this call (the others were cached)
+    loaded: LoadedModel | None  # the model, when eigenbases had to be computed (None: not loaded at all)
 
 
 def load_spectra(work: Path, manifest: CalibrationManifest, model: str | None, device: str) -> CalibratedSpectra:
-    """Load the calibrated model, eigendecompose the layers not cached yet, and read every spectrum."""
-    loaded = load_matching_model(manifest, model, device)
-    spec = arch_for(loaded.model.config)
-    computed = ensure_eigenbases(work, manifest, loaded.model, spec, device)
-    linears = target_linears(decoder_layers(loaded.model, spec)[0], spec)
-    shapes = {name: (linear.out_features, linear.in_features) for name, linear in linears.items()}
-    return CalibratedSpectra(loaded, spec, read_eigenvalues(work, manifest, spec), shapes, computed)
+    """Every spectrum of a WORK; the model is loaded only to eigendecompose layers that are not cached yet."""
+    spec = arch_for_type(manifest.model.model_type)
+    index = load_eigen_index(work, manifest)
+    valid = set(index.valid_layers(work, manifest))  # hashes each shard once; the reads below only check sizes
+    missing = [layer for layer in range(manifest.model.num_layers) if layer not in valid]
+    loaded = None
+    if missing:
+        loaded = load_matching_model(manifest, model, device)
+        index = ensure_eigenbases(work, manifest, index, missing, loaded.model, spec, device)
+    eigenvalues = read_eigenvalues(work, index, spec.modules, verify=False)
+    return CalibratedSpectra(spec, index, eigenvalues, dict(manifest.shapes), missing, loaded)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from swiftsvd_cli.artifacts import store
+from swiftsvd_cli.artifacts.eigen import EigenIndex
 from swiftsvd_cli.artifacts.manifest import CalibrationManifest
 from swiftsvd_cli.core.allocation import is_dense
 from swiftsvd_cli.core.baselines import asvd_factors, svd_factors, svd_llm_factors
@@ -43,9 +44,17 @@ class FactorSource:
     layer once per candidate) only check its size.
     """
 
-    def __init__(self, method: str, work: Path, manifest: CalibrationManifest, spec: ArchSpec, device: str) -> None:
+    def __init__(
+        self,
+        method: str,
+        work: Path,
+        manifest: CalibrationManifest,
+        eigen: EigenIndex,
+        spec: ArchSpec,
+        device: str,
+    ) -> None:
         self.method = check_method(method)
-        self.work, self.manifest, self.spec, self.device = work, manifest, spec, device
+        self.work, self.manifest, self.eigen, self.spec, self.device = work, manifest, eigen, spec, device
         self._verified: set[str] = set()
 
     def _read(self, shard: store.Shard) -> dict[str, torch.Tensor]:
@@ -60,7 +69,9 @@ class FactorSource:
         device = self.device
         weights = {name: linears[name].weight.detach().to(device=device, dtype=torch.float64) for name in ranks}
         if self.method == "swift":
-            bases = self._read(self.manifest.eigen[index])
+            if index not in self.eigen.layers:
+                raise SwiftSVDError(f"{self.work} has no eigenbasis for layer {index}: rerun `swiftsvd allocate`")
+            bases = self._read(self.eigen.layers[index].shard)
             return {
                 name: factorize(W, bases[f"{name}.vectors"].to(device=device, dtype=torch.float64), ranks[name])
                 for name, W in weights.items()

@@ -61,9 +61,9 @@ class SpeedResult:
 
 def _target_modules(model: Any) -> list[Any] | None:
     """The compression targets of every decoder layer (architecture table); None for unknown families."""
-    from swiftsvd_cli.model.architectures import ARCHITECTURES
+    from swiftsvd_cli.model.architectures import ARCHITECTURES, family_of
 
-    spec = ARCHITECTURES.get(getattr(model.config, "model_type", None) or "")
+    spec = ARCHITECTURES.get(family_of(getattr(model.config, "model_type", None)) or "")
     if spec is None:
         return None
     try:

@@ -54,7 +54,21 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 
 def arch_for(config: Any) -> ArchSpec:
     """The adapter for a transformers config; an unknown family is a user-facing error."""
-    model_type = getattr(config, "model_type", None)
+    return arch_for_type(getattr(config, "model_type", None))
+
+
+FACTORED_PREFIX = "swiftsvd_"
+"""A factored checkpoint's model_type is its family's with this prefix ("swiftsvd_llama"; see model/hf)."""
+
+
+def family_of(model_type: str | None) -> str | None:
+    """The architecture family of a `config.model_type`, factored checkpoints included ("swiftsvd_llama" -> "llama")."""
+    return model_type.removeprefix(FACTORED_PREFIX) if model_type else model_type
+
+
+def arch_for_type(model_type: str | None) -> ArchSpec:
+    """The adapter for a `config.model_type` (as a calibration manifest records it)."""
+    model_type = family_of(model_type)
     if model_type not in ARCHITECTURES:
         supported = ", ".join(sorted(ARCHITECTURES))
         raise SwiftSVDError(

@@ -1,31 +1,65 @@
-"""Compressed model directories: save one atomically, and load a factored one back (`load_compressed`).
+"""Compressed model directories: write one atomically, and load a factored one back (`load_compressed`).
 
-A factored directory is `config.json` with a `swiftsvd` section (format version, rank per module, plan
-provenance), the tokenizer, and `model.safetensors` holding `<module>.A.weight` / `<module>.B.weight` for
-each factored linear. `load_compressed` builds the model without weights, swaps in `LowRankLinear` modules
-by the rank map, then loads the tensors: the model in memory really is smaller.
+A factored directory is a Hugging Face model directory with a model_type of its own ("swiftsvd_llama", ...):
+`config.json` is the base model's config plus the `swiftsvd` section (swiftsvd_cli.artifacts.compressed) and an
+`auto_map` naming the modeling code copied next to the weights (swiftsvd_cli/model/hf); `model.safetensors`
+holds `<module>.A.weight` / `<module>.B.weight` for each factored linear and the untouched weights as they were.
+Plain transformers loads it with `trust_remote_code=True` and refuses it without; `load_compressed` builds the
+same classes from this package and never imports the code inside the directory. A `--merge`d directory is a
+plain dense checkpoint with the section in `swiftsvd.json`.
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-import torch
-
-from swiftsvd_cli.artifacts.store import FORMAT_VERSION, make_temp_dir
+from swiftsvd_cli.artifacts.compressed import MERGED_FILE, SECTION, CompressedSection
+from swiftsvd_cli.artifacts.format import load_artifact
+from swiftsvd_cli.artifacts.store import make_temp_dir, read_json
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.model.dtypes import checkpoint_dtype, resolve_dtype
-from swiftsvd_cli.model.lowrank import LowRankLinear, replace_module
+from swiftsvd_cli.model.hf import SHIPPED, SOURCE
+from swiftsvd_cli.model.hf.configuration_swiftsvd import CONFIGS
+from swiftsvd_cli.model.hf.modeling_swiftsvd import MODELS
+
+_NOT_CONFIG = ("model_type", "auto_map", "architectures", "transformers_version")  # written per class, not copied
 
 
-def save_directory(model: Any, tokenizer: Any, out: Path) -> None:
-    """save_pretrained into a temp dir beside `out`, then swap it in: `out` is never half-written."""
+def factored_config(config: Any, section: CompressedSection) -> Any:
+    """The base model's config as a config of its factored family, with the section and the `auto_map`."""
+    family = config.model_type
+    if family not in CONFIGS:
+        raise SwiftSVDError(f"no factored checkpoint class for '{family}': supported are {', '.join(sorted(CONFIGS))}")
+    config_class, model_class = CONFIGS[family], MODELS[family]
+    values = {key: value for key, value in config.to_dict().items() if key not in _NOT_CONFIG}
+    factored = config_class.from_dict({**values, SECTION: section.to_dict()})
+    factored.architectures = [model_class.__name__]
+    factored.auto_map = {
+        "AutoConfig": f"{_module(config_class)}.{config_class.__name__}",
+        "AutoModelForCausalLM": f"{_module(model_class)}.{model_class.__name__}",
+    }
+    return factored
+
+
+def _module(cls: type) -> str:
+    """The shipped file a class lives in, as `auto_map` names it ("modeling_swiftsvd")."""
+    return cls.__module__.rpartition(".")[2]
+
+
+def save_compressed(model: Any, tokenizer: Any, section: CompressedSection, out: Path) -> None:
+    """Write a compressed directory into a temp dir beside `out`, then swap it in: `out` is never half-written."""
     tmp = make_temp_dir(out.parent, out.name)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if section.merged:
+            section.save(tmp / MERGED_FILE)
+        else:
+            factored_config(model.config, section).save_pretrained(tmp)  # replaces the base config.json
+            for name in SHIPPED:
+                shutil.copyfile(SOURCE / name, tmp / name)
         if out.exists():  # only reached with --force
             shutil.rmtree(out)
         tmp.rename(out)
@@ -34,42 +68,38 @@ def save_directory(model: Any, tokenizer: Any, out: Path) -> None:
             shutil.rmtree(tmp)
 
 
+def is_factored(directory: Path) -> bool:
+    """Whether a local model directory is a factored swiftsvd checkpoint (of any format version)."""
+    config = directory / "config.json"
+    return config.is_file() and isinstance(read_json(config, "model config").get(SECTION), dict)
+
+
 def load_compressed(path: str | Path, dtype: str = "auto", device: str = "cpu") -> tuple[Any, Any]:
-    """(model, tokenizer) of a factored directory: a working transformers model with the true smaller size."""
-    from accelerate import init_empty_weights
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) of a factored directory: a working transformers model with the true smaller size.
+
+    Directories of the previous format (the base model_type, no modeling code) load the same way.
+    """
+    from transformers import AutoTokenizer
 
     path = Path(path)
-    config = AutoConfig.from_pretrained(path)
-    section = getattr(config, "swiftsvd", None)
-    if not isinstance(section, dict) or section.get("format_version") != FORMAT_VERSION:
-        raise SwiftSVDError(f"{path} is not a swiftsvd-compressed directory of format {FORMAT_VERSION}")
+    load_artifact(CompressedSection, path / "config.json", key=SECTION)  # refuses unknown versions, upgrades old
+    raw = read_json(path / "config.json", "model config")
+    family = _family(raw.get("model_type"), path)
+    values = {key: value for key, value in raw.items() if key not in _NOT_CONFIG}
+    config = CONFIGS[family].from_dict(values)
     torch_dtype = resolve_dtype(dtype, device, checkpoint_dtype(config))
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)  # type: ignore[no-untyped-call]
-    for name, rank in section["ranks"].items():
-        linear = model.get_submodule(name)
-        replace_module(
-            model,
-            name,
-            LowRankLinear(
-                linear.in_features,
-                linear.out_features,
-                rank,
-                linear.bias is not None,
-                device="meta",
-                dtype=torch_dtype,
-            ),
-        )
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        state |= load_file(str(file))
-    state = {key: value.to(torch_dtype) if value.is_floating_point() else value for key, value in state.items()}
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    loaded = MODELS[family].from_pretrained(path, config=config, dtype=torch_dtype, output_loading_info=True)
+    model, info = cast(tuple[Any, dict[str, Any]], loaded)
+    missing = info["missing_keys"]
     if missing:
-        raise SwiftSVDError(f"{path} lacks weights for {missing[0]} (and {len(missing) - 1} more): corrupt checkpoint?")
+        raise SwiftSVDError(f"{path} lacks weights for {sorted(missing)[0]} (and {len(missing) - 1} more): corrupt?")
     model.to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    return model, AutoTokenizer.from_pretrained(path, config=config)  # no AutoConfig: it would ask for remote code
+
+
+def _family(model_type: Any, path: Path) -> str:
+    """The base family of a factored directory's model_type ("swiftsvd_llama", or "llama" in format 1)."""
+    families = {config_class.model_type: family for family, config_class in CONFIGS.items()} | {f: f for f in CONFIGS}
+    if model_type not in families:
+        raise SwiftSVDError(f"{path} has model_type '{model_type}', which no swiftsvd checkpoint class reads")
+    return families[model_type]

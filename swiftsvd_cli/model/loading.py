@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from swiftsvd_cli.artifacts.compressed import MERGED_FILE, load_section
+from swiftsvd_cli.config import DTYPE, DType, check_device
 from swiftsvd_cli.errors import SwiftSVDError
-from swiftsvd_cli.model.checkpoint import load_compressed
+from swiftsvd_cli.model.checkpoint import is_factored, load_compressed
 from swiftsvd_cli.model.dtypes import checkpoint_dtype, resolve_dtype
 
 DEMO = "demo"
+logger = logging.getLogger("swiftsvd")
 
 
 @dataclass
@@ -30,8 +34,9 @@ class LoadedModel:
     compressed: dict[str, Any] | None = field(default=None)
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def resolve_device(device: str | None) -> str:
+    """The device a stage computes on: the one asked for (checked), else cuda when available."""
+    return check_device(device) or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def fingerprint(model: torch.nn.Module, config: Any) -> str:
@@ -75,7 +80,7 @@ def load_model(
     spec: str,
     *,
     revision: str | None = None,
-    dtype: str = "auto",
+    dtype: str = DTYPE,
     device: str = "cpu",
     trust_remote_code: bool = False,
     keep_on_cpu: bool = False,
@@ -85,37 +90,15 @@ def load_model(
     `device` is where the model will compute (it decides what `dtype="auto"` means); `keep_on_cpu`
     leaves the weights on the CPU for stages that move one decoder layer at a time to the device.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     location, extra = _source(spec)
     is_local = Path(location).exists()
-    try:
-        config = AutoConfig.from_pretrained(location, revision=revision, trust_remote_code=trust_remote_code, **extra)
-    except OSError as error:
-        if is_local:
-            raise SwiftSVDError(f"cannot read the model config at {location}: {error}") from error
-        raise SwiftSVDError(
-            f"cannot load '{spec}' from the Hugging Face hub (offline, or wrong id/revision?): "
-            "download it elsewhere and pass the local directory instead"
-        ) from error
-    except ValueError as error:
-        raise SwiftSVDError(f"cannot load '{spec}': {error}".splitlines()[0]) from error
-    compressed = getattr(config, "swiftsvd", None)
-    if compressed is not None:
+    if is_local and is_factored(Path(location)):
         model, tokenizer = load_compressed(location, dtype=dtype, device=device)
     else:
-        torch_dtype = resolve_dtype(dtype, device, checkpoint_dtype(config))
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                location, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
-            )
-            tokenizer = AutoTokenizer.from_pretrained(
-                location, revision=revision, trust_remote_code=trust_remote_code, **extra
-            )
-        except (OSError, ValueError) as error:
-            raise SwiftSVDError(f"cannot load '{spec}': {str(error).splitlines()[0]}") from error
+        model, tokenizer = _load_dense(spec, location, extra, revision, dtype, device, trust_remote_code)
         if not keep_on_cpu:
-            model.to(device)  # type: ignore[arg-type]  # transformers' stub wraps `to` oddly
+            model.to(device)
+    compressed = _section(Path(location)) if is_local else None
     model.eval()
     return LoadedModel(
         model=model,
@@ -128,19 +111,71 @@ def load_model(
     )
 
 
+def _load_dense(
+    spec: str,
+    location: str,
+    extra: dict[str, Any],
+    revision: str | None,
+    dtype: str,
+    device: str,
+    trust_remote_code: bool,
+) -> tuple[Any, Any]:
+    """A plain transformers checkpoint (hub, local, GGUF) and its tokenizer, on the CPU."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    is_local = Path(location).exists()
+    try:
+        config = AutoConfig.from_pretrained(location, revision=revision, trust_remote_code=trust_remote_code, **extra)
+    except OSError as error:
+        if is_local:
+            raise SwiftSVDError(f"cannot read the model config at {location}: {error}") from error
+        raise SwiftSVDError(
+            f"cannot load '{spec}' from the Hugging Face hub (offline, or wrong id/revision?): "
+            "download it elsewhere and pass the local directory instead"
+        ) from error
+    except ValueError as error:
+        raise SwiftSVDError(f"cannot load '{spec}': {error}".splitlines()[0]) from error
+    torch_dtype = resolve_dtype(dtype, device, checkpoint_dtype(config))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            location, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
+        )
+        tokenizer = AutoTokenizer.from_pretrained(
+            location, revision=revision, trust_remote_code=trust_remote_code, **extra
+        )
+    except (OSError, ValueError) as error:
+        raise SwiftSVDError(f"cannot load '{spec}': {str(error).splitlines()[0]}") from error
+    return model, tokenizer
+
+
+def _section(directory: Path) -> dict[str, Any] | None:
+    """The compressed-model section of a swiftsvd directory, factored or merged; None for other models.
+
+    A merged directory is a plain checkpoint first: an unreadable `swiftsvd.json` (older swiftsvd) costs only
+    its description in reports, not the load.
+    """
+    if not ((directory / MERGED_FILE).is_file() or is_factored(directory)):
+        return None
+    try:
+        return load_section(directory).to_dict()
+    except SwiftSVDError as error:
+        logger.warning("%s: reporting it as an uncompressed model", error)
+        return None
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """Which model a stage loads and how: the loading settings shared by calibrate, compress and one shot."""
 
     model: str  # hub id, local dir, .gguf file or 'demo'
-    dtype: str = "auto"
+    dtype: DType = DTYPE
     device: str | None = None  # None: cuda if available
     revision: str | None = None
     trust_remote_code: bool = False
 
     @property
     def compute_device(self) -> str:
-        return self.device or default_device()
+        return resolve_device(self.device)
 
     def load(self, *, keep_on_cpu: bool = False) -> LoadedModel:
         return load_model(

@@ -14,9 +14,24 @@ from pathlib import Path
 
 import torch
 
-from swiftsvd_cli.artifacts.manifest import CalibrationManifest, load_complete_manifest
+from swiftsvd_cli.artifacts.eigen import INDEX, EigenIndex
+from swiftsvd_cli.artifacts.format import jsonable
+from swiftsvd_cli.artifacts.manifest import MANIFEST, CalibrationManifest, load_complete_manifest
 from swiftsvd_cli.artifacts.plan import ModulePlan, RankPlan
-from swiftsvd_cli.config import ALPHA_GRID, DELTA, VAL_SAMPLES, check_ratio
+from swiftsvd_cli.artifacts.provenance import make_provenance
+from swiftsvd_cli.artifacts.store import sha256_file
+from swiftsvd_cli.config import (
+    ALPHA_GRID,
+    BATCH_SIZE,
+    DELTA,
+    METHOD,
+    STRATEGY,
+    VAL_SAMPLES,
+    Method,
+    Strategy,
+    check_ratio,
+    choice,
+)
 from swiftsvd_cli.core.allocation import (
     achieved_ratio,
     dynamic_ranks,
@@ -25,26 +40,25 @@ from swiftsvd_cli.core.allocation import (
 )
 from swiftsvd_cli.core.linalg import effective_rank, loss_at_rank, normalized_effective_rank, uniform_rank
 from swiftsvd_cli.data.text import load_text, tokenize
-from swiftsvd_cli.engine.eigen import load_spectra
-from swiftsvd_cli.engine.factors import FactorSource, RankMap, check_method, reconstructed
+from swiftsvd_cli.engine.eigen import load_matching_model, load_spectra
+from swiftsvd_cli.engine.factors import FactorSource, RankMap, reconstructed
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.log import progress
 from swiftsvd_cli.metrics.perplexity import perplexity
 from swiftsvd_cli.model.architectures import ArchSpec
-from swiftsvd_cli.model.loading import LoadedModel, default_device
+from swiftsvd_cli.model.loading import LoadedModel, resolve_device
 
 logger = logging.getLogger("swiftsvd")
-STRATEGIES = ("dynamic", "uniform")
 
 
 @dataclass(frozen=True)
 class AllocateOptions:
     work: Path
     ratio: float
-    strategy: str = "dynamic"
+    strategy: Strategy = STRATEGY
     alpha: float | None = None  # fixes α and skips the grid search
     delta: float = DELTA
-    method: str = "swift"  # factorisation used to score the α candidates
+    method: Method = METHOD  # factorisation used to score the α candidates
     model: str | None = None  # defaults to the model recorded in WORK
     val_data: str | None = None  # defaults to the calibration text
     val_samples: int = VAL_SAMPLES
@@ -92,33 +106,37 @@ def plan_ranks(
 def run_allocate(options: AllocateOptions) -> AllocationResult:
     """Write `WORK/plans/<name>.json` for `options.ratio`, computing eigenbases only where none are cached."""
     check_ratio(options.ratio)
-    if options.strategy not in STRATEGIES:
-        raise SwiftSVDError(f"unknown strategy '{options.strategy}': use {' or '.join(STRATEGIES)}")
+    strategy = choice(Strategy, options.strategy)
+    choice(Method, options.method)
     if options.alpha is not None and not 0.0 <= options.alpha <= 1.0:
         raise SwiftSVDError(f"--alpha {options.alpha} is outside [0, 1]")
-    check_method(options.method)
+    if not 0.0 <= options.delta <= 1.0:
+        raise SwiftSVDError(f"--delta {options.delta} is outside [0, 1]")
     start = time.perf_counter()
     work = options.work
     manifest = load_complete_manifest(work)
-    name = options.name or f"ratio-{options.ratio:.2f}-{options.strategy}"
+    name = options.name or f"ratio-{options.ratio:.2f}-{strategy}"
     path = work / "plans" / f"{name}.json"
     if path.exists() and not options.force:
         raise SwiftSVDError(f"plan {path} exists: pass --force to replace it or --name to write another")
-    device = options.device or default_device()
+    device = resolve_device(options.device)
     calibrated = load_spectra(work, manifest, options.model, device)
-    loaded, spec, spectra, shapes = calibrated.loaded, calibrated.spec, calibrated.eigenvalues, calibrated.shapes
+    spec, spectra, shapes = calibrated.spec, calibrated.eigenvalues, calibrated.shapes
     importance = manifest.importance()
 
     def plan_for(alpha: float) -> RankMap:
-        return plan_ranks(spectra, shapes, importance, options.ratio, options.strategy, alpha, options.delta)
+        return plan_ranks(spectra, shapes, importance, options.ratio, strategy, alpha, options.delta)
 
     candidates: list[dict[str, float]] = []
     validation: dict[str, object] = {}
     alpha: float | None = None
-    if options.strategy == "dynamic":
+    if strategy == Strategy.DYNAMIC:
         alpha = options.alpha
         if alpha is None:
-            alpha, candidates, validation = search_alpha(options, manifest, loaded, spec, plan_for, shapes, device)
+            loaded = calibrated.loaded or load_matching_model(manifest, options.model, device)
+            alpha, candidates, validation = search_alpha(
+                options, manifest, calibrated.index, loaded, spec, plan_for, shapes, device
+            )
     ranks = plan_for(alpha if alpha is not None else 0.0)
     order = {module: position for position, module in enumerate(spec.modules)}
     modules = [
@@ -128,12 +146,14 @@ def run_allocate(options: AllocateOptions) -> AllocationResult:
     plan = RankPlan(
         work=str(work.resolve()),
         model=manifest.model,
-        strategy=options.strategy,
+        strategy=str(strategy),
         target_ratio=options.ratio,
         achieved_ratio=achieved_ratio((p.m, p.n, p.rank) for p in modules),
         modules=modules,
+        options=jsonable(options),
+        provenance=make_provenance(manifest=sha256_file(work / MANIFEST), eigen=sha256_file(work / INDEX)),
         alpha=alpha,
-        delta=options.delta if options.strategy == "dynamic" else None,
+        delta=options.delta if strategy == Strategy.DYNAMIC else None,
         candidates=candidates,
         validation=validation,
     )
@@ -168,6 +188,7 @@ def module_plan(
 def search_alpha(
     options: AllocateOptions,
     manifest: CalibrationManifest,
+    eigen: EigenIndex,
     loaded: LoadedModel,
     spec: ArchSpec,
     plan_for: Callable[[float], RankMap],
@@ -179,14 +200,14 @@ def search_alpha(
     seqlen = options.val_seqlen or manifest.settings.seqlen
     source = load_text(data, "train" if options.val_data is None else "test")
     ids = tokenize(loaded.tokenizer, source.text)
-    factors = FactorSource(options.method, options.work, manifest, spec, device)
+    factors = FactorSource(options.method, options.work, manifest, eigen, spec, device)
     candidates: list[dict[str, float]] = []
     with progress() as bar:
         task = bar.add_task("alpha search", total=len(ALPHA_GRID))
         for alpha in ALPHA_GRID:
             ranks = plan_for(alpha)
             with reconstructed(loaded.model, spec, ranks, factors):
-                result = perplexity(loaded.model, ids, seqlen=seqlen, limit=options.val_samples, batch_size=4)
+                result = perplexity(loaded.model, ids, seqlen=seqlen, limit=options.val_samples, batch_size=BATCH_SIZE)
             ratio = achieved_ratio((*shapes[module], k) for (_, module), k in ranks.items())
             candidates.append({"alpha": alpha, "val_ppl": result.ppl, "achieved_ratio": ratio})
             bar.advance(task)

@@ -18,8 +18,10 @@ import torch
 from torch import nn
 
 from swiftsvd_cli.artifacts import store
+from swiftsvd_cli.artifacts.format import VersionMismatchError, jsonable
 from swiftsvd_cli.artifacts.manifest import MANIFEST, CalibrationManifest, CalibrationSettings, LayerRecord, ModelInfo
-from swiftsvd_cli.config import BATCH_SIZE, SAMPLES, SEED, SEQLEN
+from swiftsvd_cli.artifacts.provenance import make_provenance
+from swiftsvd_cli.config import BATCH_SIZE, DATA, SAMPLES, SEED, SEQLEN
 from swiftsvd_cli.core.linalg import accumulate_gram, make_empty_gram
 from swiftsvd_cli.data.text import calibration_windows, load_text, tokenize
 from swiftsvd_cli.errors import SwiftSVDError
@@ -36,7 +38,7 @@ DERIVED = ("eigen", "plans", "importance.json")  # artifacts computed from the G
 class CalibrateOptions:
     source: ModelSource
     work: Path
-    data: str = "wikitext2"
+    data: str = DATA
     samples: int = SAMPLES
     seqlen: int = SEQLEN
     seed: int = SEED
@@ -70,8 +72,28 @@ def model_info(loaded: LoadedModel, num_layers: int) -> ModelInfo:
     )
 
 
-def _existing_manifest(work: Path) -> CalibrationManifest | None:
-    return CalibrationManifest.load(work) if (work / MANIFEST).exists() else None
+def _existing_manifest(work: Path, force: bool) -> CalibrationManifest | None:
+    """The WORK's manifest, if any; with --force, one of a format this swiftsvd cannot read is cleared."""
+    if not (work / MANIFEST).exists():
+        return None
+    try:
+        return CalibrationManifest.load(work)
+    except VersionMismatchError as error:
+        if not force:
+            raise
+        logger.warning("--force: replacing the calibration in %s (%s)", work, error)
+        _clear(work)
+        return None
+
+
+def _clear(work: Path) -> None:
+    """Delete a WORK's Grams and everything derived from them (not the manifest: the caller rewrites it)."""
+    for name in ("covariance", *DERIVED):
+        target = work / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
 
 
 def _check_compatible(
@@ -89,12 +111,7 @@ def _check_compatible(
             "use another --out, or --force to replace it"
         )
     logger.warning("--force: replacing the calibration in %s (%s changed)", work, ", ".join(changed))
-    for name in ("covariance", *DERIVED):
-        target = work / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
+    _clear(work)
     return False
 
 
@@ -146,7 +163,7 @@ def run_calibrate(options: CalibrateOptions) -> CalibrationResult:
     work = options.work
     if work.exists() and not work.is_dir():
         raise SwiftSVDError(f"--out {work} exists and is not a directory")
-    old = _existing_manifest(work)  # fail on a corrupt WORK before the (slow) model load
+    old = _existing_manifest(work, options.force)  # fail on a corrupt WORK before the (slow) model load
     start = time.perf_counter()
     device = options.source.compute_device
     loaded = options.source.load(keep_on_cpu=True)
@@ -166,7 +183,8 @@ def run_calibrate(options: CalibrateOptions) -> CalibrationResult:
     windows = calibration_windows(
         tokenize(loaded.tokenizer, source.text), options.samples, options.seqlen, options.seed
     )
-    widest = max(linear.in_features for linear in target_linears(layers[0], spec).values())
+    linears = target_linears(layers[0], spec)
+    widest = max(linear.in_features for linear in linears.values())
     if options.samples * options.seqlen < widest:
         logger.warning(
             "%d calibration tokens < input width %d: the Grams are rank-deficient (this still works)",
@@ -174,19 +192,24 @@ def run_calibrate(options: CalibrateOptions) -> CalibrationResult:
             widest,
         )
     manifest = old if old is not None and _check_compatible(old, info, settings, options.force, work) else None
-    manifest = manifest or CalibrationManifest(model=info, settings=settings)
+    manifest = manifest or CalibrationManifest(
+        model=info,
+        settings=settings,
+        shapes={name: (linear.out_features, linear.in_features) for name, linear in linears.items()},
+        options=jsonable(options),
+        provenance=make_provenance(model=info.fingerprint, data=settings.data_sha256),
+    )
     missing = [
         i
         for i in range(len(layers))
         if i not in manifest.layers or not store.shard_is_valid(work, manifest.layers[i].shard)
     ]
     for index in missing:
-        manifest.layers.pop(index, None)
-        manifest.eigen.pop(index, None)  # derived from the Gram being recomputed
+        manifest = manifest.with_layer(index, None)  # its eigenbasis is invalid too: eigen/index.json records the Gram
     work.mkdir(parents=True, exist_ok=True)
-    manifest.save(work)
+    manifest.save_to(work)
     if missing:
-        _run_layers(loaded.model, layers, spec, windows, options.batch_size, device, manifest, work, missing)
+        manifest = _run_layers(loaded.model, layers, spec, windows, options.batch_size, device, manifest, work, missing)
     store.atomic_write_json(work / "importance.json", manifest.importance())
     return CalibrationResult(manifest, missing, time.perf_counter() - start)
 
@@ -201,7 +224,7 @@ def _run_layers(
     manifest: CalibrationManifest,
     work: Path,
     missing: list[int],
-) -> None:
+) -> CalibrationManifest:
     """Push all windows through layers 0..max(missing), accumulating statistics on the missing ones."""
     inputs = capture_first_layer_inputs(model, layers, windows, batch_size)
     with progress() as bar:
@@ -219,7 +242,9 @@ def _run_layers(
                 tensors = stats.remove()
                 tokens = int(tensors["tokens"])
                 shard = store.write_shard(work, shard_name(index), tensors)
-                manifest.layers[index] = LayerRecord(shard=shard, tokens=tokens, importance=importance / tokens)
-                manifest.save(work)
+                record = LayerRecord(shard=shard, tokens=tokens, importance=importance / tokens)
+                manifest = manifest.with_layer(index, record)
+                manifest.save_to(work)
                 logger.debug("layer %d: %d tokens, importance %.4f", index, tokens, importance / tokens)
             bar.advance(task)
+    return manifest

@@ -1,4 +1,4 @@
-"""Stage 3: apply a rank plan -> a compressed HF-style directory (factored, or `--merge`d dense)."""
+"""Stage 3: apply a rank plan -> a compressed directory (factored, loaded by plain transformers too; or dense)."""
 
 from __future__ import annotations
 
@@ -9,18 +9,21 @@ from pathlib import Path
 
 import torch
 
-from swiftsvd_cli import __version__
+from swiftsvd_cli.artifacts.compressed import CompressedSection
+from swiftsvd_cli.artifacts.format import jsonable
 from swiftsvd_cli.artifacts.manifest import load_complete_manifest
 from swiftsvd_cli.artifacts.plan import RankPlan
-from swiftsvd_cli.artifacts.store import FORMAT_VERSION, atomic_write_json, sha256_file
-from swiftsvd_cli.config import check_ratio
-from swiftsvd_cli.engine.factors import FactorSource, check_method
+from swiftsvd_cli.artifacts.provenance import make_provenance
+from swiftsvd_cli.artifacts.store import sha256_file
+from swiftsvd_cli.config import METHOD, Method, check_ratio, choice
+from swiftsvd_cli.engine.eigen import load_eigen_index
+from swiftsvd_cli.engine.factors import FactorSource
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.log import progress
 from swiftsvd_cli.model.architectures import arch_for, decoder_layers, target_linears
-from swiftsvd_cli.model.checkpoint import save_directory
+from swiftsvd_cli.model.checkpoint import save_compressed
+from swiftsvd_cli.model.hf.lowrank import LowRankLinear, replace_module
 from swiftsvd_cli.model.loading import ModelSource
-from swiftsvd_cli.model.lowrank import LowRankLinear, replace_module
 
 logger = logging.getLogger("swiftsvd")
 
@@ -30,7 +33,7 @@ class CompressOptions:
     source: ModelSource
     out: Path
     plan: Path
-    method: str = "swift"
+    method: Method = METHOD
     merge: bool = False
     force: bool = False
 
@@ -39,9 +42,10 @@ class CompressOptions:
 class CompressResult:
     out: Path
     plan: RankPlan
+    work: Path
     params_before: int
     params_after: int
-    seconds: float
+    seconds: dict[str, float]  # per stage: compress (and, in one shot, calibrate and allocate)
 
 
 def check_output(out: Path, force: bool) -> None:
@@ -57,7 +61,7 @@ def count_parameters(model: torch.nn.Module) -> int:
 def run_compress(options: CompressOptions) -> CompressResult:
     """Factor every planned linear of `options.source` and save the result to `options.out`."""
     check_output(options.out, options.force)
-    check_method(options.method)
+    method = choice(Method, options.method)
     start = time.perf_counter()
     plan = RankPlan.load(options.plan)
     check_ratio(plan.target_ratio)
@@ -76,7 +80,7 @@ def run_compress(options: CompressOptions) -> CompressResult:
     before = count_parameters(model)
     dtype = next(model.parameters()).dtype
     ranks = plan.ranks(spec.layers)
-    factors = FactorSource(options.method, work, manifest, spec, device)
+    factors = FactorSource(method, work, manifest, load_eigen_index(work, manifest), spec, device)
     with progress() as bar:
         task = bar.add_task("factorising", total=manifest.model.num_layers)
         for index, layer in enumerate(decoder_layers(model, spec)):
@@ -91,28 +95,20 @@ def run_compress(options: CompressOptions) -> CompressResult:
                         bias = None if linear.bias is None else linear.bias.detach()
                         replace_module(layer, name, LowRankLinear.from_factors(A, B, bias, dtype))
             bar.advance(task)
-    if not options.merge:
-        model.config.swiftsvd = {
-            "format_version": FORMAT_VERSION,
-            "tool_version": __version__,
-            "method": options.method,
-            "strategy": plan.strategy,
-            "alpha": plan.alpha,
-            "target_ratio": plan.target_ratio,
-            "achieved_ratio": plan.achieved_ratio,
-            "ranks": ranks,
-            "plan": str(options.plan.resolve()),
-            "plan_sha256": sha256_file(options.plan),
-            "base_model": plan.model.model_id,
-            "base_fingerprint": plan.model.fingerprint,
-        }
-    save_directory(model, loaded.tokenizer, options.out)
-    if options.merge:
-        provenance = {
-            "merged_from_plan": str(options.plan.resolve()),
-            "method": options.method,
-            "tool_version": __version__,
-            "base_model": plan.model.model_id,
-        }
-        atomic_write_json(options.out / "swiftsvd.json", provenance)
-    return CompressResult(options.out, plan, before, count_parameters(model), time.perf_counter() - start)
+    section = CompressedSection(
+        method=str(method),
+        merged=options.merge,
+        strategy=plan.strategy,
+        alpha=plan.alpha,
+        target_ratio=plan.target_ratio,
+        achieved_ratio=plan.achieved_ratio,
+        ranks=ranks,
+        plan=str(options.plan.resolve()),
+        base_model=plan.model.model_id,
+        base_fingerprint=plan.model.fingerprint,
+        options=jsonable(options),
+        provenance=make_provenance(plan=sha256_file(options.plan), model=loaded.fingerprint),
+    )
+    save_compressed(model, loaded.tokenizer, section, options.out)
+    seconds = {"compress": time.perf_counter() - start}
+    return CompressResult(options.out, plan, work, before, count_parameters(model), seconds)

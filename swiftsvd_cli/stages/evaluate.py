@@ -12,13 +12,22 @@ import functools
 import gc
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from swiftsvd_cli.artifacts.eval_report import EvalReport, TargetReport
-from swiftsvd_cli.artifacts.provenance import software_versions
-from swiftsvd_cli.config import SEQLEN
+from swiftsvd_cli.artifacts.provenance import make_provenance
+from swiftsvd_cli.config import (
+    BENCH_NEW_TOKENS,
+    BENCH_PROMPT_LEN,
+    BENCH_REPEATS,
+    DTYPE,
+    EVAL_BATCH_SIZE,
+    EVAL_TASKS,
+    SEQLEN,
+    DType,
+)
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.metrics.zeroshot import TASK_ALIASES, ZERO_SHOT_TASKS, canonical_task
 
@@ -30,19 +39,19 @@ class EvalOptions:
     """Everything `swiftsvd eval` needs; `tasks` items may be comma-separated lists."""
 
     targets: tuple[str, ...]
-    tasks: tuple[str, ...] = ("wikitext2",)
+    tasks: tuple[str, ...] = (EVAL_TASKS,)
     seqlen: int = SEQLEN
     limit: int | None = None  # perplexity windows per dataset (None: all)
-    batch_size: int = 1
-    dtype: str = "auto"
+    batch_size: int = EVAL_BATCH_SIZE
+    dtype: DType = DTYPE
     device: str | None = None  # None: cuda if available
     trust_remote_code: bool = False
     zeroshot_limit: int | None = None  # examples per zero-shot task (None: all)
     task_include_path: Path | None = None  # extra lm-eval task YAMLs
     bench: bool = False
-    bench_prompt_len: int = 128
-    bench_new_tokens: int = 32
-    bench_repeats: int = 3
+    bench_prompt_len: int = BENCH_PROMPT_LEN
+    bench_new_tokens: int = BENCH_NEW_TOKENS
+    bench_repeats: int = BENCH_REPEATS
     output: Path | None = None
     force: bool = False
 
@@ -146,8 +155,7 @@ def _evaluate_target(
     finally:
         del loaded  # the last reference: the caller never sees the model
         _release_memory()
-    report.seconds = time.perf_counter() - start
-    return report
+    return replace(report, seconds=time.perf_counter() - start)
 
 
 def _measure(loaded: Any, options: EvalOptions, texts: dict[str, Any], prepared: Any, rss: int) -> TargetReport:
@@ -158,16 +166,8 @@ def _measure(loaded: Any, options: EvalOptions, texts: dict[str, Any], prepared:
     from swiftsvd_cli.metrics.zeroshot import run_zero_shot
 
     model, spec = loaded.model, loaded.spec
-    report = TargetReport(
-        target=spec,
-        model_id=loaded.model_id,
-        revision=loaded.revision,
-        fingerprint=loaded.fingerprint,
-        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-        compressed=loaded.compressed,
-    )
     size = measure_size(model, _location(loaded))
-    report.size = {**asdict(size), "target_kept_ratio": size.target_kept_ratio}
+    perplexities: dict[str, dict[str, Any]] = {}
     for name, source in texts.items():
         ids = tokenize(loaded.tokenizer, source.text)
         total = ids.numel() // options.seqlen
@@ -181,34 +181,47 @@ def _measure(loaded: Any, options: EvalOptions, texts: dict[str, Any], prepared:
                 batch_size=options.batch_size,
                 on_windows=functools.partial(bar.advance, task),
             )
-        report.perplexity[name] = {"dataset_id": source.id, "text_sha256": source.sha256, **asdict(result)}
+        perplexities[name] = {"dataset_id": source.id, "text_sha256": source.sha256, **asdict(result)}
         logger.info("%s: %s perplexity %.4f (%d windows)", spec, name, result.ppl, result.windows)
-    if prepared.runnable:
-        report.zero_shot = run_zero_shot(
-            model, loaded.tokenizer, prepared, batch_size=options.batch_size, limit=options.zeroshot_limit
-        )
-    if options.bench:
-        speed = measure_speed(
+    zero_shot = (
+        run_zero_shot(model, loaded.tokenizer, prepared, batch_size=options.batch_size, limit=options.zeroshot_limit)
+        if prepared.runnable
+        else {}
+    )
+    speed = (
+        measure_speed(
             model,
             prompt_len=options.bench_prompt_len,
             new_tokens=options.bench_new_tokens,
             repeats=options.bench_repeats,
             rss_baseline=rss,
         )
-        report.speed = asdict(speed)
-    return report
+        if options.bench
+        else None
+    )
+    return TargetReport(
+        target=spec,
+        model_id=loaded.model_id,
+        revision=loaded.revision,
+        fingerprint=loaded.fingerprint,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        compressed=loaded.compressed,
+        perplexity=perplexities,
+        zero_shot=zero_shot,
+        size={**asdict(size), "target_kept_ratio": size.target_kept_ratio},
+        speed=None if speed is None else asdict(speed),
+    )
 
 
 def evaluate(options: EvalOptions) -> EvalReport:
     """Evaluate every target on every task (and benchmark it if asked); write the JSON report if asked."""
-    from swiftsvd_cli.artifacts.store import atomic_write_json, utc_now
     from swiftsvd_cli.data.text import load_text
     from swiftsvd_cli.metrics.zeroshot import prepare_tasks
-    from swiftsvd_cli.model.loading import default_device
+    from swiftsvd_cli.model.loading import resolve_device
 
     _check_options(options)
     ppl_names, zs_names = classify_tasks(split_tasks(options.tasks), options.task_include_path)
-    device = options.device or default_device()
+    device = resolve_device(options.device)
     texts = {name: load_text(name, "test") for name in ppl_names}  # offline hub datasets fail here, before any model
     prepared = prepare_tasks(zs_names, options.task_include_path)
 
@@ -231,14 +244,17 @@ def evaluate(options: EvalOptions) -> EvalReport:
         if options.bench
         else None,
         "batch_size": options.batch_size,
-        "dtype": options.dtype,
+        "dtype": str(options.dtype),
         "device": device,
-        "versions": software_versions(),
     }
-    report = EvalReport(protocol=protocol, targets=targets, zero_shot_skipped=prepared.skipped, created=utc_now())
+    inputs = {f"target {t.target}": t.fingerprint for t in targets}
+    inputs |= {f"text {name}": source.sha256 for name, source in texts.items()}
+    report = EvalReport(
+        protocol=protocol, targets=targets, zero_shot_skipped=prepared.skipped, provenance=make_provenance(**inputs)
+    )
     _warn_incomparable(report)
     if options.output is not None:
-        atomic_write_json(options.output, report.to_dict())
+        report.save(options.output)
         logger.info("Wrote %s", options.output)
     return report
 

@@ -1,19 +1,39 @@
 """One shot: `swiftsvd compress MODEL --ratio ρ` runs whichever stage has no valid cached artifact, then compresses.
 
 The WORK directory defaults to a cache folder named after the model and the calibration settings, so a
-second ratio of the same model reuses the Grams and eigenbases of the first.
+second ratio of the same model reuses the Grams and eigenbases of the first; a plan is reused only when it was
+made with the same settings. This is the only stage module that composes the others.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from swiftsvd_cli.config import BATCH_SIZE, SAMPLES, SEED, SEQLEN, VAL_SAMPLES, check_ratio
+from swiftsvd_cli.artifacts.format import jsonable
+from swiftsvd_cli.artifacts.plan import RankPlan
+from swiftsvd_cli.config import (
+    BATCH_SIZE,
+    DATA,
+    DELTA,
+    METHOD,
+    SAMPLES,
+    SEED,
+    SEQLEN,
+    STRATEGY,
+    VAL_SAMPLES,
+    Method,
+    Strategy,
+    check_ratio,
+)
 from swiftsvd_cli.data.demo import cache_dir
+from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.model.loading import DEMO, ModelSource
+from swiftsvd_cli.recipes import load_recipe
 from swiftsvd_cli.stages.allocate import AllocateOptions, run_allocate
 from swiftsvd_cli.stages.calibrate import CalibrateOptions, run_calibrate
 from swiftsvd_cli.stages.compress import CompressOptions, CompressResult, check_output, run_compress
@@ -22,41 +42,37 @@ logger = logging.getLogger("swiftsvd")
 
 
 @dataclass(frozen=True)
-class CalibrationDefaults:
-    data: str
-    samples: int
-    seqlen: int
-    val_samples: int  # validation windows per alpha candidate of the dynamic strategy
-
-
-# The demo runs on 2-core CPUs in minutes: 64 x 512 tokens instead of the field's 256 x 2048.
-DEMO_CALIBRATION = CalibrationDefaults(data="demo", samples=64, seqlen=512, val_samples=4)
-FIELD_CALIBRATION = CalibrationDefaults(data="wikitext2", samples=SAMPLES, seqlen=SEQLEN, val_samples=VAL_SAMPLES)
-
-
-@dataclass(frozen=True)
 class OneShotOptions:
+    """Compress in one shot; None fields take the model's defaults (the demo recipe for `demo`, else the field's)."""
+
     source: ModelSource
     ratio: float
     out: Path
     work: Path | None = None
-    strategy: str = "dynamic"
+    strategy: Strategy = STRATEGY
     alpha: float | None = None
-    method: str = "swift"
+    delta: float = DELTA
+    method: Method = METHOD
     merge: bool = False
     data: str | None = None
     samples: int | None = None
     seqlen: int | None = None
+    val_samples: int | None = None
     seed: int = SEED
     batch_size: int = BATCH_SIZE
     force: bool = False
 
 
-@dataclass
-class OneShotResult:
-    compress: CompressResult
-    work: Path
-    stage_seconds: dict[str, float] = field(default_factory=dict)
+FIELD_DEFAULTS: dict[str, Any] = {"data": DATA, "samples": SAMPLES, "seqlen": SEQLEN, "val_samples": VAL_SAMPLES}
+"""The one shot's model-dependent settings and their defaults for every model but the demo."""
+
+
+def model_defaults(model: str) -> dict[str, Any]:
+    """The one shot's model-dependent defaults: the demo recipe's for `demo` (sized for a 2-core CPU)."""
+    if model != DEMO:
+        return FIELD_DEFAULTS
+    demo = load_recipe(DEMO).values
+    return {key: demo.get(key, value) for key, value in FIELD_DEFAULTS.items()}
 
 
 def default_work(model: str, data: str, samples: int, seqlen: int, seed: int) -> Path:
@@ -64,14 +80,28 @@ def default_work(model: str, data: str, samples: int, seqlen: int, seed: int) ->
     return cache_dir() / "work" / f"{slug}-{Path(data).name}-{samples}x{seqlen}-seed{seed}"
 
 
-def run_oneshot(options: OneShotOptions) -> OneShotResult:
+def _reusable(path: Path, options: AllocateOptions) -> bool:
+    """An existing plan made with exactly these allocate settings (a plan from other settings is remade)."""
+    if not path.is_file():
+        return False
+    try:
+        plan = RankPlan.load(path)
+    except SwiftSVDError:
+        return False
+    ignored = ("force", "device")
+    wanted = {key: value for key, value in jsonable(options).items() if key not in ignored}
+    return {key: value for key, value in plan.options.items() if key not in ignored} == wanted
+
+
+def run_oneshot(options: OneShotOptions) -> CompressResult:
+    """Calibrate and allocate where no valid cached artifact exists, then compress into `options.out`."""
     check_ratio(options.ratio)
     check_output(options.out, options.force)
     model = options.source.model
-    defaults = DEMO_CALIBRATION if model == DEMO else FIELD_CALIBRATION
-    data = options.data or defaults.data
-    samples = options.samples or defaults.samples
-    seqlen = options.seqlen or defaults.seqlen
+    defaults = model_defaults(model)
+    data = options.data or defaults["data"]
+    samples = options.samples or defaults["samples"]
+    seqlen = options.seqlen or defaults["seqlen"]
     work = options.work or default_work(model, data, samples, seqlen, options.seed)
     logger.info("WORK directory: %s", work)
     calibration = run_calibrate(
@@ -88,28 +118,27 @@ def run_oneshot(options: OneShotOptions) -> OneShotResult:
     name = (
         f"ratio-{options.ratio:.2f}-{options.strategy}"
         + (f"-alpha{options.alpha:.2f}" if options.alpha is not None else "")
-        + (f"-{options.method}" if options.method != "swift" else "")
+        + (f"-{options.method}" if options.method != Method.SWIFT else "")
+    )
+    allocate = AllocateOptions(
+        work=work,
+        ratio=options.ratio,
+        strategy=options.strategy,
+        alpha=options.alpha,
+        delta=options.delta,
+        method=options.method,
+        model=model,
+        val_samples=options.val_samples or defaults["val_samples"],
+        name=name,
+        device=options.source.device,
+        force=True,
     )
     plan_path = work / "plans" / f"{name}.json"
     allocate_seconds = 0.0
-    if plan_path.exists() and not calibration.computed_layers:  # new Grams invalidate old plans
+    if not calibration.computed_layers and _reusable(plan_path, allocate):  # new Grams invalidate old plans
         logger.info("reusing plan %s", plan_path)
     else:
-        allocation = run_allocate(
-            AllocateOptions(
-                work=work,
-                ratio=options.ratio,
-                strategy=options.strategy,
-                alpha=options.alpha,
-                method=options.method,
-                model=model,
-                val_samples=defaults.val_samples,
-                name=name,
-                device=options.source.device,
-                force=True,
-            )
-        )
-        allocate_seconds = allocation.seconds
+        allocate_seconds = run_allocate(allocate).seconds
     result = run_compress(
         CompressOptions(
             source=options.source,
@@ -120,8 +149,10 @@ def run_oneshot(options: OneShotOptions) -> OneShotResult:
             force=options.force,
         )
     )
-    return OneShotResult(
-        result,
-        work,
-        {"calibrate": calibration.seconds, "allocate": allocate_seconds, "compress": result.seconds},
-    )
+    seconds = {"calibrate": calibration.seconds, "allocate": allocate_seconds, **result.seconds}
+    return dataclasses.replace(result, seconds=seconds)
+
+
+def compress(options: CompressOptions | OneShotOptions) -> CompressResult:
+    """The public `compress`: by a plan (`CompressOptions`) or in one shot (`OneShotOptions`)."""
+    return run_oneshot(options) if isinstance(options, OneShotOptions) else run_compress(options)

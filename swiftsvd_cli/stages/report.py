@@ -31,7 +31,7 @@ from swiftsvd_cli.figures import (
     spectrum_layers,
     spectrum_modules,
 )
-from swiftsvd_cli.model.loading import default_device
+from swiftsvd_cli.model.loading import resolve_device
 
 logger = logging.getLogger("swiftsvd")
 REPORT_RATIOS = (0.8, 0.6, 0.4)
@@ -157,7 +157,7 @@ def run_report(options: ReportOptions) -> ReportResult:
     plan = RankPlan.load(options.plan) if options.plan is not None else None
     if plan is not None and plan.model.fingerprint != manifest.model.fingerprint:
         raise SwiftSVDError(f"plan {options.plan} belongs to another model than {options.work}")
-    calibrated = load_spectra(options.work, manifest, options.model, options.device or default_device())
+    calibrated = load_spectra(options.work, manifest, options.model, resolve_device(options.device))
     spectra, shapes = calibrated.eigenvalues, calibrated.shapes
     importance = manifest.importance()
     out = options.out

@@ -1,4 +1,7 @@
-"""`LowRankLinear`: y = A (B x) + b, the factored replacement of an `nn.Linear`, and the module swap."""
+"""`LowRankLinear`: y = A (B x) + b, the factored replacement of an `nn.Linear`, and the module swap.
+
+Shipped next to the weights of factored checkpoints (see swiftsvd_cli/model/hf/__init__.py): imports only torch.
+"""
 
 from __future__ import annotations
 
@@ -54,3 +57,25 @@ def replace_module(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
     old = getattr(parent, name)
     setattr(parent, name, new)
     return old  # type: ignore[no-any-return]
+
+
+def factor_modules(model: nn.Module, ranks: dict[str, int]) -> None:
+    """Replace each `nn.Linear` named in `ranks` (full module name -> rank) by an empty `LowRankLinear` of that rank.
+
+    The new modules take the replaced weight's device and dtype (the meta device inside `from_pretrained`), so
+    loading a factored state dict afterwards fills them.
+    """
+    for name, rank in ranks.items():
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{name} is a {type(linear).__name__}, not the nn.Linear a rank map factors")
+        weight = linear.weight
+        replacement = LowRankLinear(
+            linear.in_features,
+            linear.out_features,
+            rank,
+            linear.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        replace_module(model, name, replacement)

@@ -1,0 +1,67 @@
+"""The compressed-model section: what a compressed directory is, how it was made, and its rank per module.
+
+A factored directory carries it as the `swiftsvd` object of `config.json` (the shipped modeling code reads its
+`ranks` to build the factored modules before the weights load); a `--merge`d dense directory, whose config is
+the base model's, carries it as `swiftsvd.json`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from swiftsvd_cli.artifacts.format import Artifact, Upgrade, load_artifact
+from swiftsvd_cli.artifacts.provenance import Provenance
+
+SECTION = "swiftsvd"  # key in config.json; also read by swiftsvd_cli/model/hf (keep the two in step)
+MERGED_FILE = "swiftsvd.json"
+
+
+def _from_version_1(data: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 (swiftsvd 0.1 before the plain-transformers layout): the same facts, fewer of them."""
+    return {
+        "kind": "compressed",
+        "format_version": 2,
+        "merged": False,
+        **{key: data[key] for key in ("method", "strategy", "alpha", "target_ratio", "achieved_ratio", "ranks")},
+        **{key: data[key] for key in ("plan", "base_model", "base_fingerprint")},
+        "options": {},
+        "provenance": {
+            "tool_version": data["tool_version"],
+            "git_commit": None,
+            "versions": {},
+            "created": "unknown",
+            "inputs": {"plan": data["plan_sha256"], "model": data["base_fingerprint"]},
+        },
+    }
+
+
+@dataclass(frozen=True)
+class CompressedSection(Artifact):
+    KIND: ClassVar[str] = "compressed"
+    FORMAT_VERSION: ClassVar[int] = 2  # 2: own model_type + shipped modeling code; options and provenance
+    TITLE: ClassVar[str] = "compressed-model section"
+    REMEDY: ClassVar[str] = "compress the model again with this swiftsvd (`swiftsvd compress`)"
+    UPGRADES: ClassVar[dict[int, Upgrade]] = {1: _from_version_1}
+
+    method: str
+    merged: bool  # True: a plain dense checkpoint (W' = A B written back), no factored modules
+    strategy: str
+    alpha: float | None
+    target_ratio: float
+    achieved_ratio: float
+    ranks: dict[str, int]  # full module name -> rank, for every factored linear
+    plan: str  # path of the plan it was made from
+    base_model: str
+    base_fingerprint: str
+    options: dict[str, Any]  # the resolved compress (or one-shot) options
+    provenance: Provenance  # inputs: the plan and the base model
+
+
+def load_section(directory: Path) -> CompressedSection:
+    """The section of a compressed directory, factored (config.json) or merged (swiftsvd.json)."""
+    merged = directory / MERGED_FILE
+    if merged.is_file():
+        return load_artifact(CompressedSection, merged)
+    return load_artifact(CompressedSection, directory / "config.json", key=SECTION)

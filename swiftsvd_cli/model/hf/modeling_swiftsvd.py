@@ -1,0 +1,53 @@
+"""Factored causal LMs: each family's own model class, with the planned linears replaced by `LowRankLinear`.
+
+Shipped next to the weights (see swiftsvd_cli/model/hf/__init__.py): imports only torch, transformers and its
+sibling modules. The family's `__init__` builds the dense skeleton (on the meta device inside `from_pretrained`),
+then the ranks in `config.swiftsvd["ranks"]` swap in the factored modules, so the state dict matches the
+checkpoint's `<module>.A.weight` / `<module>.B.weight` names and every weight loads as saved.
+"""
+
+from typing import Any
+
+from torch import nn
+from transformers import LlamaForCausalLM, MistralForCausalLM, PreTrainedModel, Qwen2ForCausalLM, Qwen3ForCausalLM
+
+from .configuration_swiftsvd import (
+    SwiftSVDLlamaConfig,
+    SwiftSVDMistralConfig,
+    SwiftSVDQwen2Config,
+    SwiftSVDQwen3Config,
+)
+from .lowrank import factor_modules
+
+
+class LowRankMixin(nn.Module):
+    """Put before the family's CausalLM class: after its `__init__`, swap in the factored linears."""
+
+    def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)  # the family's CausalLM, next in the MRO
+        factor_modules(self, config.swiftsvd["ranks"])
+
+
+class SwiftSVDLlamaForCausalLM(LowRankMixin, LlamaForCausalLM):
+    config_class = SwiftSVDLlamaConfig
+
+
+class SwiftSVDMistralForCausalLM(LowRankMixin, MistralForCausalLM):
+    config_class = SwiftSVDMistralConfig
+
+
+class SwiftSVDQwen2ForCausalLM(LowRankMixin, Qwen2ForCausalLM):
+    config_class = SwiftSVDQwen2Config
+
+
+class SwiftSVDQwen3ForCausalLM(LowRankMixin, Qwen3ForCausalLM):
+    config_class = SwiftSVDQwen3Config
+
+
+MODELS: dict[str, type[PreTrainedModel]] = {
+    "llama": SwiftSVDLlamaForCausalLM,
+    "mistral": SwiftSVDMistralForCausalLM,
+    "qwen2": SwiftSVDQwen2ForCausalLM,
+    "qwen3": SwiftSVDQwen3ForCausalLM,
+}
+"""Base family `model_type` -> the factored causal LM class."""
