@@ -6,21 +6,24 @@
 
 Measures, on the same WORK and in the same process so the times are comparable:
 accuracy (perplexity per method x ratio x strategy, and the original), time (calibration, its physical floor
-= one plain forward pass over the calibration tokens, factorisation per method for the first and each further
+= one plain forward pass over as many tokens, factorisation per method for the first and each further
 ratio), and numerical stability (the paper's Table 5, FP32). Writes benchmark.json (results + protocol +
 machine), README.md (tables) and PNG plots.
+
+Uses only swiftsvd's public surface (tests/test_layout.py checks it): the Python API (`swiftsvd_cli`), the math
+(`swiftsvd_cli.core`), the artifact formats (`swiftsvd_cli.artifacts`), the architecture table and the figures.
+Each perplexity is that of a real `--merge`d checkpoint written by `compress` and measured by `evaluate`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
+import logging
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,31 +36,38 @@ import torch
 from rich.console import Console
 from stability import PAPER_TABLE5, stability_table
 
-from swiftsvd_cli import figures
+from swiftsvd_cli import (
+    AllocateOptions,
+    CalibrateOptions,
+    CompressOptions,
+    DType,
+    EvalOptions,
+    Method,
+    ModelSource,
+    Strategy,
+    SwiftSVDError,
+    allocate,
+    calibrate,
+    compress,
+    evaluate,
+    figures,
+    load_model,
+)
+from swiftsvd_cli.artifacts.eigen import EigenIndex, read_eigenvalues
 from swiftsvd_cli.artifacts.manifest import CalibrationManifest
 from swiftsvd_cli.artifacts.plan import RankPlan
-from swiftsvd_cli.artifacts.provenance import software_versions
+from swiftsvd_cli.artifacts.provenance import git_commit, software_versions
 from swiftsvd_cli.artifacts.store import atomic_write_json, atomic_write_text, read_shard
 from swiftsvd_cli.core.baselines import asvd_factors, svd_factors, svd_llm_factors
 from swiftsvd_cli.core.linalg import factorize, group_eigenbases, uniform_rank
-from swiftsvd_cli.data.text import calibration_windows, load_text, tokenize
-from swiftsvd_cli.engine.eigen import ensure_eigenbases, load_matching_model, read_eigenvalues
-from swiftsvd_cli.engine.factors import METHODS, FactorSource, reconstructed
-from swiftsvd_cli.errors import SwiftSVDError
-from swiftsvd_cli.log import setup_logging
-from swiftsvd_cli.metrics.perplexity import perplexity
 from swiftsvd_cli.model.architectures import ArchSpec, arch_for, decoder_layers, target_linears
-from swiftsvd_cli.model.loading import ModelSource
-from swiftsvd_cli.stages.allocate import AllocateOptions, run_allocate
-from swiftsvd_cli.stages.calibrate import CalibrateOptions, run_calibrate
 
 console = Console()
 ROOT = Path(__file__).resolve().parents[1]
 RATIOS = (0.8, 0.6, 0.4)
-STRATEGIES = ("uniform", "dynamic")
+STRATEGIES = (Strategy.UNIFORM, Strategy.DYNAMIC)
+METHODS = tuple(Method)
 RELEASED = "svd-llm-released"  # SVD-LLM as its code runs: Cholesky + inverse in float64, SVD in float32
-RankMap = dict[tuple[int, str], int]
-Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -104,42 +114,35 @@ def machine_info() -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "platform": platform.platform(),
         **software_versions(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def calibrate(args: argparse.Namespace) -> tuple[CalibrationManifest, float]:
+def run_calibration(args: argparse.Namespace) -> tuple[CalibrationManifest, float]:
     """A fresh calibration (forward passes + Gram accumulation), timed."""
     options = CalibrateOptions(
-        source=ModelSource(args.model, dtype="float32", device="cpu"),
+        source=ModelSource(args.model, dtype=DType.FLOAT32, device="cpu"),
         work=args.work,
         data=args.data,
         samples=args.samples,
         seqlen=args.seqlen,
     )
     start = time.perf_counter()
-    result = run_calibrate(options)
+    result = calibrate(options)
     return result.manifest, time.perf_counter() - start
 
 
 @torch.no_grad()
-def forward_floor(model: Any, tokenizer: Any, args: argparse.Namespace, batch_size: int = 4) -> dict[str, float]:
-    """Plain forward passes over exactly the calibration windows: the least any calibration can cost.
+def forward_floor(model: Any, args: argparse.Namespace, batch_size: int = 4) -> dict[str, float]:
+    """Plain forward passes over as many tokens as calibration sees: the least any calibration can cost.
 
+    The windows are random token ids (a dense model's compute does not depend on which tokens it reads).
     `decoder_s` runs embeddings + decoder layers (`model.base_model`), which is all calibration needs;
     `full_model_s` adds the LM head, whose vocabulary-sized logits dominate small models' forward time.
     """
-    ids = tokenize(tokenizer, load_text(args.data, "train").text)
-    windows = calibration_windows(ids, args.samples, args.seqlen, seed=3)
+    generator = torch.Generator().manual_seed(3)
+    windows = torch.randint(0, model.config.vocab_size, (args.samples, args.seqlen), generator=generator)
     seconds: dict[str, float] = {}
     for name, module in (("decoder_s", model.base_model), ("full_model_s", model)):
         start = time.perf_counter()
@@ -224,61 +227,70 @@ def factorisation_times(
     return result
 
 
-def plan_ranks(plan: RankPlan) -> RankMap:
-    return {(p.layer, p.module): p.rank for p in plan.modules}
+def released_svd_llm(args: argparse.Namespace, manifest: CalibrationManifest, plan: RankPlan, out: Path) -> None:
+    """A merged checkpoint of SVD-LLM with its released code's precisions (Cholesky/inverse float64, SVD float32).
 
-
-def released_svd_llm(work: Path, manifest: CalibrationManifest, spec: ArchSpec) -> Callable[..., Factors]:
-    """SVD-LLM with the precisions its released code uses (Cholesky/inverse float64, SVD float32)."""
-
-    def factors(index: int, linears: dict[str, torch.nn.Linear], ranks: dict[str, int]) -> Factors:
-        grams = read_shard(work, manifest.layers[index].shard)
-        out: Factors = {}
-        for name, k in ranks.items():
+    Not a swiftsvd method, so it is built here from the public pieces: the model, the WORK's Grams and the math.
+    """
+    loaded = load_model(args.model, dtype="float32", device="cpu")
+    spec = arch_for(loaded.model.config)
+    for index, layer in enumerate(decoder_layers(loaded.model, spec)):
+        grams = read_shard(args.work, manifest.layers[index].shard)
+        linears = target_linears(layer, spec)
+        for module in (p for p in plan.modules if p.layer == index and not p.dense):
+            weight = linears[module.module].weight
             result = svd_llm_factors(
-                linears[name].weight.detach().double(),
-                grams[f"{spec.group_of(name)}.gram"],
-                k,
+                weight.detach().double(),
+                grams[f"{spec.group_of(module.module)}.gram"],
+                module.rank,
                 precision=torch.float32,
                 cholesky_precision=torch.float64,
             )
-            out[name] = (result.A, result.B)
-        return out
+            with torch.no_grad():
+                weight.copy_((result.A @ result.B).to(weight.dtype))
+    loaded.model.save_pretrained(out)
+    loaded.tokenizer.save_pretrained(out)
 
-    return factors
+
+def perplexities(target: str, args: argparse.Namespace, texts: dict[str, str]) -> dict[str, float]:
+    """ppl_<label> of `target` for every text (label -> dataset name or path), by `swiftsvd eval`'s protocol."""
+    options = EvalOptions(
+        targets=(target,), tasks=tuple(texts.values()), seqlen=args.eval_seqlen, limit=args.eval_windows, device="cpu"
+    )
+    measured = evaluate(options).targets[0].perplexity
+    return {f"ppl_{label}": float(measured[name]["ppl"]) for label, name in texts.items()}
 
 
-def evaluate(
-    loaded: Any,
-    spec: ArchSpec,
+def evaluate_plans(
     args: argparse.Namespace,
     manifest: CalibrationManifest,
-    plans: dict[tuple[float, str], RankPlan],
-    texts: dict[str, torch.Tensor],
+    plans: dict[tuple[float, str], tuple[RankPlan, Path]],
+    texts: dict[str, str],
+    original: dict[str, float] | None = None,
     on_row: Callable[[list[dict[str, Any]]], None] = lambda rows: None,
 ) -> list[dict[str, Any]]:
-    """Perplexity of the original and of every (method, ratio, strategy), by dense reconstruction A B."""
-
-    def ppl(ids: torch.Tensor) -> float:
-        return perplexity(loaded.model, ids, seqlen=args.eval_seqlen, limit=args.eval_windows).ppl
-
-    rows = [
-        {"method": "original", "ratio": 1.0, "strategy": None, **{f"ppl_{t}": ppl(ids) for t, ids in texts.items()}}
-    ]
-    sources: dict[str, Callable[..., Factors]] = {m: FactorSource(m, args.work, manifest, spec, "cpu") for m in METHODS}
-    sources[RELEASED] = released_svd_llm(args.work, manifest, spec)
-    for (ratio, strategy), plan in plans.items():
-        for method, source in sources.items():
-            if method == RELEASED and strategy != "uniform":
+    """Perplexity of the original and of every (method, ratio, strategy): a merged (dense W' = A B) checkpoint each."""
+    original = original or perplexities(args.model, args, texts)
+    rows: list[dict[str, Any]] = [{"method": "original", "ratio": 1.0, "strategy": None, **original}]
+    scratch = args.work.parent / "checkpoints"
+    for (ratio, strategy), (plan, path) in plans.items():
+        for method in (*METHODS, RELEASED):
+            if method == RELEASED and strategy != Strategy.UNIFORM:
                 continue
             start = time.perf_counter()
-            with reconstructed(loaded.model, spec, plan_ranks(plan), source):
-                values = {f"ppl_{t}": ppl(ids) for t, ids in texts.items()}
+            out = scratch / f"{method}-{ratio}-{strategy}"
+            if method == RELEASED:
+                released_svd_llm(args, manifest, plan, out)
+            else:
+                source = ModelSource(args.model, dtype=DType.FLOAT32, device="cpu")
+                compress(CompressOptions(source=source, out=out, plan=path, method=Method(method), merge=True))
+            values = perplexities(str(out), args, texts)
+            shutil.rmtree(out)
             rows.append(
                 {
-                    "method": method,
+                    "method": str(method),
                     "ratio": ratio,
-                    "strategy": strategy,
+                    "strategy": str(strategy),
                     "achieved_ratio": plan.achieved_ratio,
                     "alpha": plan.alpha,
                     **values,
@@ -434,7 +446,7 @@ def save_partial(out: Path, partial: dict[str, Any], **phase: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.work.exists() and any(args.work.iterdir()):  # never delete a user's calibration
         raise SwiftSVDError(f"--work {args.work} is not empty: the benchmark times a fresh calibration, give a new dir")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -444,34 +456,38 @@ def main(argv: list[str] | None = None) -> int:
     stability = [row.to_dict() for row in stability_table(sizes)]
     save_partial(args.out, partial, stability=stability)
     console.print(f"[bold]calibrating[/bold] {args.model} on {args.data} ({args.samples} x {args.seqlen})")
-    manifest, calibration_s = calibrate(args)
-    loaded = load_matching_model(manifest, args.model, "cpu")
+    manifest, calibration_s = run_calibration(args)
+    loaded = load_model(args.model, dtype="float32", device="cpu")
     spec = arch_for(loaded.model.config)
-    floor = forward_floor(loaded.model, loaded.tokenizer, args)
+    floor = forward_floor(loaded.model, args)
     floor_s = floor["decoder_s"]
     console.print(f"calibration {calibration_s:.1f} s, forward floor {floor_s:.1f} s; timing factorisations")
     factor_times = factorisation_times(loaded.model, spec, args.work, manifest, args.ratios)
+    del loaded
     save_partial(args.out, partial, calibration_s=calibration_s, floor=floor, factorisation=factor_times)
-    _, eigen_stage_s = _timed(lambda: ensure_eigenbases(args.work, manifest, loaded.model, spec, "cpu"))
-    plans: dict[tuple[float, str], RankPlan] = {}
+    plans: dict[tuple[float, str], tuple[RankPlan, Path]] = {}
     allocate_s: dict[str, float] = {}
     for ratio in args.ratios:
-        for strategy in STRATEGIES:
-            allocation = run_allocate(
+        for strategy in STRATEGIES:  # the first (uniform) allocation computes the eigenbases, with their I/O
+            allocation = allocate(
                 AllocateOptions(work=args.work, ratio=ratio, strategy=strategy, device="cpu", force=True)
             )
-            plans[(ratio, strategy)] = allocation.plan
+            plans[(ratio, strategy)] = (allocation.plan, allocation.path)
             allocate_s[f"{ratio}/{strategy}"] = allocation.seconds
-    texts = {"eval": tokenize(loaded.tokenizer, load_text(args.data, "test").text)}
+    texts = {"eval": args.data}
+    original = None
     wikitext2 = "skipped (--no-wikitext2)" if args.no_wikitext2 else "not requested"
-    if not args.no_wikitext2 and args.data != "wikitext2":  # offline, load_text fails with a SwiftSVDError
+    if not args.no_wikitext2 and args.data != "wikitext2":  # offline, the text fails to load, before any model
         try:
-            texts["wikitext2"] = tokenize(loaded.tokenizer, load_text("wikitext2", "test").text)
+            original = perplexities(args.model, args, {**texts, "wikitext2": "wikitext2"})
+            texts["wikitext2"] = "wikitext2"
             wikitext2 = "evaluated"
         except SwiftSVDError as error:
             wikitext2 = f"unavailable: {error}"
     console.print(f"[bold]perplexity[/bold] ({', '.join(texts)}; WikiText-2: {wikitext2})")
-    rows = evaluate(loaded, spec, args, manifest, plans, texts, lambda done: save_partial(args.out, partial, rows=done))
+    rows = evaluate_plans(
+        args, manifest, plans, texts, original, lambda done: save_partial(args.out, partial, rows=done)
+    )
     result: dict[str, Any] = {
         "kind": "swiftsvd-benchmark",
         "protocol": {
@@ -479,9 +495,9 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model,
             "model_id": manifest.model.model_id,
             "fingerprint": manifest.model.fingerprint,
-            "calibration": {**dataclasses.asdict(manifest.settings), "device": "cpu"},
+            "calibration": {**manifest.to_dict()["settings"], "device": "cpu"},
             "eval": {
-                "text": load_text(args.data, "test").id,
+                "text": args.data,
                 "windows": args.eval_windows,
                 "seqlen": args.eval_seqlen,
                 "protocol": "non-overlapping windows, token-level ppl, whole text tokenised once",
@@ -489,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             "ratios": list(args.ratios),
             "strategies": list(STRATEGIES),
-            "reconstruction": "dense W' = A B in place of W, float32 model, factors computed in float64",
+            "reconstruction": "compress --merge (dense W' = A B), float32 model, factors computed in float64",
             "dynamic": "paper Algorithm 2, delta 0.5, alpha by the 11-point grid on calibration-text validation "
             "perplexity (8 windows), scored with Swift-SVD factors; the same plan is used for every method",
             "timing": "uniform ranks, float64, Grams in memory; Swift-SVD's eigendecompositions charged to ratio 1",
@@ -502,19 +518,21 @@ def main(argv: list[str] | None = None) -> int:
             "forward_floor_s": floor_s,
             "full_forward_s": floor["full_model_s"],
             "calibration_over_floor": calibration_s / floor_s,
-            "eigen_stage_with_io_s": eigen_stage_s,
+            "first_allocate_with_eigen_s": allocate_s[f"{args.ratios[0]}/{STRATEGIES[0]}"],
             "allocate_s": allocate_s,
             "factorisation": factor_times,
         },
         "alpha_search": {
-            f"{r}/{s}": {"alpha": p.alpha, "candidates": p.candidates} for (r, s), p in plans.items() if s == "dynamic"
+            f"{r}/{s}": {"alpha": p.alpha, "candidates": p.candidates}
+            for (r, s), (p, _) in plans.items()
+            if s == Strategy.DYNAMIC
         },
         "stability": stability,
     }
     result["acceptance"] = acceptance(rows, factor_times, stability)
-    spectra = read_eigenvalues(args.work, manifest, spec)
-    middle = args.ratios[len(args.ratios) // 2]
-    result["figures"] = plots(result, spectra, manifest.importance(), plans.get((middle, "dynamic")), args.out)
+    spectra = read_eigenvalues(args.work, EigenIndex.load(args.work), spec.modules)
+    middle = plans.get((args.ratios[len(args.ratios) // 2], Strategy.DYNAMIC))
+    result["figures"] = plots(result, spectra, manifest.importance(), middle and middle[0], args.out)
     atomic_write_json(args.out / "benchmark.json", result)
     atomic_write_text(args.out / "README.md", markdown(result))
     (args.out / "partial.json").unlink(missing_ok=True)

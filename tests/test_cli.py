@@ -62,3 +62,37 @@ def test_one_shot_reuses_calibration_across_ratios(
         "ratio-0.70-uniform.json",
     ]
     assert manifest.complete and (tmp_path / "a" / "config.json").exists() and (tmp_path / "b" / "config.json").exists()
+
+
+def test_choices_are_listed_and_typos_rejected_by_the_parser() -> None:
+    help_text = runner.invoke(app, ["compress", "-h"], env={"COLUMNS": "250"}).output
+    for choices in ("dynamic|uniform", "swift|svd|asvd|svd-llm", "auto|float32|bfloat16|float16"):
+        assert choices in help_text
+    for arguments in (["--strategy", "dynamc"], ["--method", "svdllm"], ["--dtype", "fp16"], ["--device", "gpu"]):
+        result = runner.invoke(app, ["compress", "demo", "--ratio", "0.5", "--out", "x", *arguments])
+        assert result.exit_code == 2 and "Invalid value" in result.output, arguments  # the parser, before any work
+
+
+def test_one_shot_options_with_a_plan_are_one_line_errors(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.json"
+    for option, value in (("--work", "w"), ("--strategy", "uniform"), ("--alpha", "0.5"), ("--data", "demo")) + (
+        ("--samples", "8"),
+        ("--seqlen", "64"),
+    ):
+        result = runner.invoke(app, ["compress", "demo", "--plan", str(plan), "--out", "x", option, value])
+        assert result.exit_code == 1, (option, result.output)
+        assert result.output.strip() == f"error: {option} only apply to the one shot (--ratio), not to --plan"
+
+
+def test_model_from_nowhere_is_an_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["calibrate", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "give MODEL (or a --config recipe with a `model` key)" in result.output
+
+
+def test_verbose_shows_the_debug_log(tiny_llama_dir: Path, tiny_text_file: Path, tmp_path: Path) -> None:
+    arguments = ["calibrate", str(tiny_llama_dir), "--data", str(tiny_text_file), "--samples", "2", "--seqlen", "16"]
+    arguments += ["--device", "cpu"]
+    quiet = runner.invoke(app, [*arguments, "--out", str(tmp_path / "a")], terminal_width=200)
+    loud = runner.invoke(app, [*arguments, "--out", str(tmp_path / "b"), "--verbose"], terminal_width=200)
+    assert quiet.exit_code == loud.exit_code == 0, loud.output
+    assert "layer 1: 32 tokens" not in quiet.output and "layer 1: 32 tokens" in loud.output

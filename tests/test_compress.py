@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
@@ -224,3 +225,48 @@ def test_output_directory_has_plain_mkdir_permissions(work: Path, trained_llama_
 
     out = compress_to(trained_llama_dir, plan_for(work, 0.6), tmp_path / "out")
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask()
+
+
+def test_cached_eigenbases_need_no_model(work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manifest records shapes and family: with the eigenbases cached, allocate and report never load the model."""
+    from swiftsvd_cli.engine import eigen as engine
+    from swiftsvd_cli.stages.report import ReportOptions, run_report
+
+    plan_for(work, 0.7)  # computes (or finds) every eigenbasis
+    model = AutoModelForCausalLM.from_pretrained(CalibrationManifest.load(work).model.spec)
+    layer = model.model.layers[0]
+    assert CalibrationManifest.load(work).shapes == {
+        name: (layer.get_submodule(name).out_features, layer.get_submodule(name).in_features)
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+        + ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    }
+
+    def no_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(engine, "load_model", no_load)
+    uniform = RankPlan.load(plan_for(work, 0.4))
+    fixed_alpha = RankPlan.load(plan_for(work, 0.4, "dynamic", alpha=0.5))
+    assert uniform.achieved_ratio <= 0.4 and fixed_alpha.alpha == 0.5
+    pytest.importorskip("matplotlib")
+    result = run_report(ReportOptions(work=work, out=tmp_path / "report", device="cpu"))
+    assert len(result.types) == 7
+
+
+def test_an_eigenbasis_of_another_gram_is_recomputed(
+    trained_llama_dir: Path, tiny_text_file: Path, tmp_path: Path
+) -> None:
+    """eigen/index.json records the Gram each eigen shard came from: a layer whose Gram changed is redone, alone."""
+    work = tmp_path / "work"
+    source = ModelSource(str(trained_llama_dir), device="cpu")
+    run_calibrate(CalibrateOptions(source=source, work=work, data=str(tiny_text_file), samples=4, seqlen=SEQLEN))
+    assert run_allocate(AllocateOptions(work=work, ratio=0.5, strategy="uniform", device="cpu")).eigen_computed == [
+        0,
+        1,
+    ]
+    index = EigenIndex.load(work)
+    stale = dataclasses.replace(index.layers[1], gram_sha256="0" * 64)  # as if computed from an earlier Gram
+    index.with_layer(1, stale).save(work / "eigen" / "index.json")
+    again = run_allocate(AllocateOptions(work=work, ratio=0.5, strategy="uniform", device="cpu", force=True))
+    assert again.eigen_computed == [1]
+    assert EigenIndex.load(work).layers[1].gram_sha256 == CalibrationManifest.load(work).layers[1].shard.sha256

@@ -142,3 +142,53 @@ def test_import_graph_has_no_cycles() -> None:
     for node in graph:
         if not state.get(node):
             visit(node, [])
+
+
+PUBLIC = (
+    "swiftsvd_cli.core",
+    "swiftsvd_cli.artifacts",
+    "swiftsvd_cli.model.architectures",
+    "swiftsvd_cli.figures",
+    "swiftsvd_cli.errors",
+)
+"""Besides the names `swiftsvd_cli` exports: the modules scripts may use (math, formats, adapters, plots)."""
+SCRIPTS = sorted((PACKAGE.parent / "scripts").glob("*.py"))
+
+
+def public_violations(source: str) -> list[str]:
+    """Imports of swiftsvd internals (or of private names) in a script."""
+    import swiftsvd_cli
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        pairs = []
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            pairs = [(node.module, alias.name) for alias in node.names]
+        elif isinstance(node, ast.Import):
+            pairs = [(alias.name, "") for alias in node.names]
+        for module, name in pairs:
+            if not module.startswith("swiftsvd_cli"):
+                continue
+            if module == "swiftsvd_cli":
+                public = name in swiftsvd_cli.__all__ or f"{module}.{name}".startswith(PUBLIC)
+            else:
+                public = module.startswith(PUBLIC) and not name.startswith("_")
+            if not public:
+                found.append(f"{module}.{name}" if name else module)
+    return found
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda path: path.name)
+def test_scripts_use_only_the_public_surface(script: Path) -> None:
+    assert public_violations(script.read_text(encoding="utf-8")) == []
+
+
+def test_a_script_reaching_inside_is_caught() -> None:
+    source = (PACKAGE.parent / "scripts" / "benchmark.py").read_text(encoding="utf-8")
+    assert public_violations(source + "\nfrom swiftsvd_cli.engine.factors import FactorSource\n") == [
+        "swiftsvd_cli.engine.factors.FactorSource"
+    ]
+    assert public_violations("from swiftsvd_cli import _API\nfrom swiftsvd_cli.core.linalg import _symmetric\n") == [
+        "swiftsvd_cli._API",
+        "swiftsvd_cli.core.linalg._symmetric",
+    ]

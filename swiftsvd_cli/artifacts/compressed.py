@@ -27,6 +27,8 @@ def _from_version_1(data: dict[str, Any]) -> dict[str, Any]:
         **{key: data[key] for key in ("method", "strategy", "alpha", "target_ratio", "achieved_ratio", "ranks")},
         **{key: data[key] for key in ("plan", "base_model", "base_fingerprint")},
         "options": {},
+        "allocation": {},
+        "calibration": {},
         "provenance": {
             "tool_version": data["tool_version"],
             "git_commit": None,
@@ -55,7 +57,9 @@ class CompressedSection(Artifact):
     plan: str  # path of the plan it was made from
     base_model: str
     base_fingerprint: str
-    options: dict[str, Any]  # the resolved compress (or one-shot) options
+    options: dict[str, Any]  # the resolved compress options
+    allocation: dict[str, Any]  # the resolved allocate options of the plan (ratio, strategy, delta, ...)
+    calibration: dict[str, Any]  # the calibration settings of the plan's WORK (data, samples, seqlen, seed, ...)
     provenance: Provenance  # inputs: the plan and the base model
 
 

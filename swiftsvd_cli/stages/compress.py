@@ -107,6 +107,8 @@ def run_compress(options: CompressOptions) -> CompressResult:
         base_model=plan.model.model_id,
         base_fingerprint=plan.model.fingerprint,
         options=jsonable(options),
+        allocation=plan.options,
+        calibration=jsonable(manifest.settings),
         provenance=make_provenance(plan=sha256_file(options.plan), model=loaded.fingerprint),
     )
     save_compressed(model, loaded.tokenizer, section, options.out)

@@ -80,6 +80,10 @@ def default_work(model: str, data: str, samples: int, seqlen: int, seed: int) ->
     return cache_dir() / "work" / f"{slug}-{Path(data).name}-{samples}x{seqlen}-seed{seed}"
 
 
+PLAN_SETTINGS = ("ratio", "strategy", "alpha", "delta", "method", "val_data", "val_samples", "val_seqlen")
+"""The allocate options a plan depends on (not its name, WORK path, model location or device)."""
+
+
 def _reusable(path: Path, options: AllocateOptions) -> bool:
     """An existing plan made with exactly these allocate settings (a plan from other settings is remade)."""
     if not path.is_file():
@@ -88,9 +92,8 @@ def _reusable(path: Path, options: AllocateOptions) -> bool:
         plan = RankPlan.load(path)
     except SwiftSVDError:
         return False
-    ignored = ("force", "device")
-    wanted = {key: value for key, value in jsonable(options).items() if key not in ignored}
-    return {key: value for key, value in plan.options.items() if key not in ignored} == wanted
+    wanted = jsonable(options)
+    return all(plan.options.get(key) == wanted[key] for key in PLAN_SETTINGS)
 
 
 def run_oneshot(options: OneShotOptions) -> CompressResult:

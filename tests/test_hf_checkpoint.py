@@ -1,0 +1,171 @@
+"""Factored checkpoints load in plain transformers (trust_remote_code=True) exactly as through `load_compressed`.
+
+The modeling code shipped next to the weights (swiftsvd_cli/model/hf) must be self-contained, closed under
+relative imports, and the same code `load_compressed` runs; without trust_remote_code loading must fail, not
+silently build a dense model with random projections.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from swiftsvd_cli.artifacts.compressed import SECTION
+from swiftsvd_cli.model.architectures import ARCHITECTURES, FACTORED_PREFIX
+from swiftsvd_cli.model.checkpoint import load_compressed
+from swiftsvd_cli.model.hf import SHIPPED, SOURCE
+from swiftsvd_cli.model.hf.configuration_swiftsvd import CONFIGS
+from swiftsvd_cli.model.hf.lowrank import LowRankLinear
+from swiftsvd_cli.model.hf.modeling_swiftsvd import MODELS
+from swiftsvd_cli.model.loading import ModelSource
+from swiftsvd_cli.stages.compress import CompressOptions, run_compress
+from tests.conftest import calibrated_plan, save_tiny_model
+
+IDS = torch.tensor([[1, 17, 42, 99, 5, 63, 7, 128, 200, 3]])
+PLAIN = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+ids = torch.tensor(json.loads(sys.argv[1]))
+for directory in sys.argv[2:]:
+    try:
+        AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=False)
+        refused = "loaded"
+    except ValueError as error:
+        refused = str(error).splitlines()[0]
+    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32)
+    with torch.no_grad():
+        torch.save(model(ids).logits, directory + "/plain_logits.pt")
+    generated = model.generate(ids, max_new_tokens=6, do_sample=False)
+    factored = sum(type(m).__name__ == "LowRankLinear" for m in model.modules())
+    print(json.dumps({"dir": directory, "refused": refused, "class": type(model).__name__, "factored": factored,
+                      "generated": generated.shape[1], "generated_ids": generated[0].tolist()}))
+print(json.dumps({"swiftsvd_imported": any(name.startswith("swiftsvd") for name in sys.modules)}))
+"""
+
+
+def shipped_imports(name: str) -> tuple[set[str], set[str]]:
+    """(absolute top-level imports, relative imports) of a shipped module."""
+    absolute, relative = set(), set()
+    for node in ast.walk(ast.parse((SOURCE / name).read_text())):
+        if isinstance(node, ast.Import):
+            absolute |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                relative.add(f"{node.module}.py")
+            else:
+                absolute.add((node.module or "").split(".")[0])
+    return absolute, relative
+
+
+def test_shipped_modules_are_self_contained_and_closed() -> None:
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    on_disk = {p.name for p in SOURCE.glob("*.py")} - {"__init__.py"}
+    assert set(SHIPPED) == on_disk  # nothing in model/hf that is not shipped, nothing shipped that is missing
+    for name in SHIPPED:
+        absolute, relative = shipped_imports(name)
+        assert absolute <= {"torch", "transformers", "__future__"} | sys.stdlib_module_names, (name, absolute)
+        assert relative <= set(SHIPPED), (name, relative)
+    closure = {Path(p).name for p in get_relative_import_files(str(SOURCE / "modeling_swiftsvd.py"))}
+    assert closure | {"modeling_swiftsvd.py"} == set(SHIPPED)  # what transformers copies is what we ship
+
+
+def test_every_family_has_a_factored_class() -> None:
+    assert set(CONFIGS) == set(MODELS) == set(ARCHITECTURES)
+    for family, config_class in CONFIGS.items():
+        assert config_class.model_type == FACTORED_PREFIX + family
+        assert MODELS[family].config_class is config_class
+
+
+@pytest.fixture(scope="module")
+def compressed_dirs(tiny_tokenizer, tiny_text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:  # noqa: ANN001
+    """One factored directory per supported family, through the real calibrate -> allocate -> compress path."""
+    dirs = {}
+    for family in ARCHITECTURES:
+        root = tmp_path_factory.mktemp(f"hf-{family}")
+        model_dir = save_tiny_model(family, root / "model", tiny_tokenizer)
+        plan = calibrated_plan(model_dir, tiny_text_file, root / "work", samples=4, seqlen=32, ratio=0.5)
+        out = root / "compressed"
+        run_compress(CompressOptions(ModelSource(str(model_dir), "float32", "cpu"), out=out, plan=plan))
+        dirs[family] = out
+    return dirs
+
+
+def test_plain_transformers_loads_what_load_compressed_loads(compressed_dirs: dict[str, Path], tmp_path: Path) -> None:
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)  # plain transformers: swiftsvd is not importable from the worktree
+    done = subprocess.run(
+        [sys.executable, "-c", PLAIN, json.dumps(IDS.tolist()), *map(str, compressed_dirs.values())],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert lines[-1] == {"swiftsvd_imported": False}
+    for result, (family, directory) in zip(lines[:-1], compressed_dirs.items(), strict=True):
+        assert "custom code" in result["refused"], result  # refused without trust_remote_code, not garbage
+        assert result["class"] == MODELS[family].__name__ and result["factored"] > 0
+        model, _ = load_compressed(directory)
+        assert result["factored"] == sum(isinstance(m, LowRankLinear) for m in model.modules())
+        with torch.no_grad():
+            ours = model(IDS).logits
+        plain = torch.load(directory / "plain_logits.pt")
+        assert torch.equal(plain, ours), (family, (plain - ours).abs().max())  # the same code: bit-identical
+        assert result["generated_ids"] == model.generate(IDS, max_new_tokens=6, do_sample=False)[0].tolist()
+
+
+def test_load_compressed_never_runs_the_directory_code(compressed_dirs: dict[str, Path], tmp_path: Path) -> None:
+    directory = tmp_path / "poisoned"
+    shutil.copytree(compressed_dirs["llama"], directory)
+    for name in SHIPPED:
+        (directory / name).write_text("raise RuntimeError('the directory code ran')\n")
+    model, _ = load_compressed(directory)
+    reference, _ = load_compressed(compressed_dirs["llama"])
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, reference(IDS).logits)
+
+
+def test_a_directory_of_the_previous_format_still_loads(compressed_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """Format 1 kept the base model_type, had no modeling code and a section without kind or provenance."""
+    directory = tmp_path / "old"
+    shutil.copytree(compressed_dirs["qwen2"], directory)
+    config = json.loads((directory / "config.json").read_text())
+    section = config[SECTION]
+    config |= {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}
+    del config["auto_map"]
+    config[SECTION] = {key: section[key] for key in ("method", "strategy", "alpha", "target_ratio", "achieved_ratio")}
+    config[SECTION] |= {"ranks": section["ranks"], "plan": section["plan"], "base_model": section["base_model"]}
+    config[SECTION] |= {"format_version": 1, "tool_version": "0.1.0", "plan_sha256": "0" * 64}
+    config[SECTION] |= {"base_fingerprint": section["base_fingerprint"]}
+    (directory / "config.json").write_text(json.dumps(config))
+    for name in SHIPPED:
+        (directory / name).unlink()
+    old, _ = load_compressed(directory)
+    new, _ = load_compressed(compressed_dirs["qwen2"])
+    with torch.no_grad():
+        assert torch.equal(old(IDS).logits, new(IDS).logits)
+
+
+def test_directory_layout(compressed_dirs: dict[str, Path]) -> None:
+    directory = compressed_dirs["mistral"]
+    config = json.loads((directory / "config.json").read_text())
+    assert config["model_type"] == "swiftsvd_mistral" and config["architectures"] == ["SwiftSVDMistralForCausalLM"]
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_swiftsvd.SwiftSVDMistralConfig",
+        "AutoModelForCausalLM": "modeling_swiftsvd.SwiftSVDMistralForCausalLM",
+    }
+    assert config[SECTION]["kind"] == "compressed" and config[SECTION]["ranks"]
+    for name in SHIPPED:
+        assert (directory / name).read_bytes() == (SOURCE / name).read_bytes()
