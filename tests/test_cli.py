@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,14 @@ def test_one_shot_reuses_calibration_across_ratios(
         "ratio-0.70-uniform.json",
     ]
     assert manifest.complete and (tmp_path / "a" / "config.json").exists() and (tmp_path / "b" / "config.json").exists()
+
+    stale = json.loads((works[0] / "manifest.json").read_text()) | {"format_version": 1}  # an older swiftsvd's cache
+    (works[0] / "manifest.json").write_text(json.dumps(stale))
+    third = runner.invoke(
+        app, ["compress", str(trained_llama_dir), "--ratio", "0.5", "--out", str(tmp_path / "c"), *common]
+    )
+    assert third.exit_code == 0, third.output  # the default WORK is a cache: rebuilt, not refused
+    assert CalibrationManifest.load(works[0]).complete
 
 
 def test_choices_are_listed_and_typos_rejected_by_the_parser() -> None:

@@ -270,3 +270,7 @@ def test_an_eigenbasis_of_another_gram_is_recomputed(
     again = run_allocate(AllocateOptions(work=work, ratio=0.5, strategy="uniform", device="cpu", force=True))
     assert again.eigen_computed == [1]
     assert EigenIndex.load(work).layers[1].gram_sha256 == CalibrationManifest.load(work).layers[1].shard.sha256
+    index_file = work / "eigen" / "index.json"
+    index_file.write_text(index_file.read_text().replace('"format_version": 1', '"format_version": 0'))
+    stale = run_allocate(AllocateOptions(work=work, ratio=0.5, strategy="uniform", device="cpu", force=True))
+    assert stale.eigen_computed == [0, 1]  # a cache of another format is recomputed, not refused

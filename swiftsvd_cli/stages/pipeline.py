@@ -116,6 +116,7 @@ def run_oneshot(options: OneShotOptions) -> CompressResult:
             seqlen=seqlen,
             seed=options.seed,
             batch_size=options.batch_size,
+            force=options.work is None,  # the default WORK is a cache: one of another format or settings is rebuilt
         )
     )
     name = (
