@@ -7,10 +7,7 @@ inside the command bodies, so `--help` stays fast.
 
 from __future__ import annotations
 
-import enum
 import inspect
-import types
-import typing
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -22,7 +19,7 @@ from swiftsvd_cli import __version__, config
 from swiftsvd_cli.config import DType, Method, Strategy
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.log import console, setup_logging
-from swiftsvd_cli.recipes import KEYS, load_recipe
+from swiftsvd_cli.recipes import KEYS, coerce, load_recipe
 
 app = typer.Typer(
     name="swiftsvd",
@@ -120,7 +117,7 @@ def command(*, skip: tuple[str, ...] = ()) -> Callable[[F], F]:
                     recipe = load_recipe(config)
                     for key, value in recipe.values.items():
                         if key in settable and not _given(ctx, key):
-                            kwargs[key] = _coerce(value, settable[key], f"{recipe.source}: {key}")
+                            kwargs[key] = coerce(value, settable[key], f"{recipe.source}: {key}")
                 return body(*args, **kwargs, **({"ctx": ctx} if passes_context else {}))
             except SwiftSVDError as error:
                 console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
@@ -140,29 +137,6 @@ def _given(ctx: typer.Context, name: str) -> bool:
     """Whether option `name` was set on the command line (or by its environment variable), not by its default."""
     source = ctx.get_parameter_source(name)
     return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
-
-
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """A recipe value as the option's type (Annotated[int | None, ...] -> int or None); else a one-line error."""
-    kind = typing.get_args(annotation)[0] if typing.get_origin(annotation) is Annotated else annotation
-    options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
-    if value is None and type(None) in options:
-        return None
-    for option in options:
-        if isinstance(option, type) and issubclass(option, enum.Enum) and value in {m.value for m in option}:
-            return option(value)
-        if option is bool and isinstance(value, bool):
-            return value
-        if option in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
-            if option is float or isinstance(value, int):
-                return option(value)
-        if option in (str, Path) and isinstance(value, str):
-            return option(value)
-    expected = " or ".join(
-        "one of " + ", ".join(m.value for m in o) if isinstance(o, type) and issubclass(o, enum.Enum) else o.__name__
-        for o in options
-    )
-    raise SwiftSVDError(f"{where} must be {expected}, not {value!r}")
 
 
 def _model(model: str | None) -> str:

@@ -12,10 +12,13 @@ Explicit flags win over the recipe; a key no command knows is an error that list
 
 from __future__ import annotations
 
+import enum
+import types
+import typing
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from swiftsvd_cli.errors import SwiftSVDError
 
@@ -85,3 +88,29 @@ def load_recipe(spec: str) -> Recipe:
     if unknown:
         raise SwiftSVDError(f"{source}: unknown key {', '.join(map(repr, unknown))}; valid keys: {', '.join(KEYS)}")
     return Recipe(source=source, values=values)
+
+
+def coerce(value: Any, annotation: Any, where: str) -> Any:
+    """A recipe value as an option's type (`Annotated[int | None, ...]` -> int or None), else a one-line error.
+
+    YAML gives ints, floats, bools and strings; a choice must be one of its enum's values, a float accepts an int.
+    """
+    kind = typing.get_args(annotation)[0] if typing.get_origin(annotation) is Annotated else annotation
+    options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if isinstance(option, type) and issubclass(option, enum.Enum) and value in {m.value for m in option}:
+            return option(value)
+        if option is bool and isinstance(value, bool):
+            return value
+        if option in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if option is float or isinstance(value, int):
+                return option(value)
+        if option in (str, Path) and isinstance(value, str):
+            return option(value)
+    expected = " or ".join(
+        "one of " + ", ".join(m.value for m in o) if isinstance(o, type) and issubclass(o, enum.Enum) else o.__name__
+        for o in options
+    )
+    raise SwiftSVDError(f"{where} must be {expected}, not {value!r}")
