@@ -19,6 +19,7 @@ from torch import nn
 from swiftsvd_cli.artifacts import store
 from swiftsvd_cli.artifacts.eigen import EigenIndex
 from swiftsvd_cli.artifacts.manifest import CalibrationManifest
+from swiftsvd_cli.config import Method, choice
 from swiftsvd_cli.core.allocation import is_dense
 from swiftsvd_cli.core.baselines import asvd_factors, svd_factors, svd_llm_factors
 from swiftsvd_cli.core.linalg import factorize
@@ -26,15 +27,8 @@ from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.model.architectures import ArchSpec, decoder_layers, target_linears
 
 logger = logging.getLogger("swiftsvd")
-METHODS = ("swift", "svd", "asvd", "svd-llm")
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 RankMap = dict[tuple[int, str], int]  # (layer index, module path in the layer) -> rank
-
-
-def check_method(method: str) -> str:
-    if method not in METHODS:
-        raise SwiftSVDError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
-    return method
 
 
 class FactorSource:
@@ -53,7 +47,7 @@ class FactorSource:
         spec: ArchSpec,
         device: str,
     ) -> None:
-        self.method = check_method(method)
+        self.method = choice(Method, method)
         self.work, self.manifest, self.eigen, self.spec, self.device = work, manifest, eigen, spec, device
         self._verified: set[str] = set()
 
@@ -68,7 +62,7 @@ class FactorSource:
             return {}
         device = self.device
         weights = {name: linears[name].weight.detach().to(device=device, dtype=torch.float64) for name in ranks}
-        if self.method == "swift":
+        if self.method == Method.SWIFT:
             if index not in self.eigen.layers:
                 raise SwiftSVDError(f"{self.work} has no eigenbasis for layer {index}: rerun `swiftsvd allocate`")
             bases = self._read(self.eigen.layers[index].shard)
@@ -76,14 +70,14 @@ class FactorSource:
                 name: factorize(W, bases[f"{name}.vectors"].to(device=device, dtype=torch.float64), ranks[name])
                 for name, W in weights.items()
             }
-        if self.method == "svd":
+        if self.method == Method.SVD:
             return {name: svd_factors(W, ranks[name]) for name, W in weights.items()}
         stats = self._read(self.manifest.layers[index].shard)
         tokens = float(stats["tokens"])
         factors: Factors = {}
         for name, W in weights.items():
             group = self.spec.group_of(name)
-            if self.method == "asvd":
+            if self.method == Method.ASVD:
                 factors[name] = asvd_factors(W, stats[f"{group}.abs_sum"].to(device) / tokens, ranks[name])
             else:
                 result = svd_llm_factors(W, stats[f"{group}.gram"].to(device), ranks[name])

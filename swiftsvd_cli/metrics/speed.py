@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from swiftsvd_cli.config import BENCH_NEW_TOKENS, BENCH_PROMPT_LEN, BENCH_REPEATS
 from swiftsvd_cli.errors import SwiftSVDError
 
 
@@ -158,11 +159,11 @@ def _rss_sampler(interval_s: float = 0.01) -> Iterator[list[int]]:
 def measure_speed(
     model: Any,
     *,
-    prompt_len: int = 128,
-    new_tokens: int = 32,
+    prompt_len: int = BENCH_PROMPT_LEN,
+    new_tokens: int = BENCH_NEW_TOKENS,
     batch_size: int = 1,
     warmup: int = 1,
-    repeats: int = 3,
+    repeats: int = BENCH_REPEATS,
     rss_baseline: int | None = None,
     seed: int = 0,
 ) -> SpeedResult:

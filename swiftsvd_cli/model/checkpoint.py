@@ -18,6 +18,7 @@ from typing import Any, cast
 from swiftsvd_cli.artifacts.compressed import MERGED_FILE, SECTION, CompressedSection
 from swiftsvd_cli.artifacts.format import load_artifact
 from swiftsvd_cli.artifacts.store import make_temp_dir, read_json
+from swiftsvd_cli.config import DTYPE
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.model.dtypes import checkpoint_dtype, resolve_dtype
 from swiftsvd_cli.model.hf import SHIPPED, SOURCE
@@ -74,7 +75,7 @@ def is_factored(directory: Path) -> bool:
     return config.is_file() and isinstance(read_json(config, "model config").get(SECTION), dict)
 
 
-def load_compressed(path: str | Path, dtype: str = "auto", device: str = "cpu") -> tuple[Any, Any]:
+def load_compressed(path: str | Path, dtype: str = DTYPE, device: str = "cpu") -> tuple[Any, Any]:
     """(model, tokenizer) of a factored directory: a working transformers model with the true smaller size.
 
     Directories of the previous format (the base model_type, no modeling code) load the same way.

@@ -89,7 +89,7 @@ def plan_ranks(
     layers = range(len(importance))
     ranks: RankMap = {}
     for module, (m, n) in shapes.items():
-        if strategy == "uniform":
+        if strategy == Strategy.UNIFORM:
             ranks |= {(i, module): uniform_rank(m, n, ratio) for i in layers}
             continue
         eps = [minimal_loss_at_uniform(spectra[(i, module)], m, n, ratio) for i in layers]
