@@ -49,6 +49,12 @@ def _module(cls: type) -> str:
     return cls.__module__.rpartition(".")[2]
 
 
+def write_model_code(directory: Path) -> None:
+    """Copy the shipped modeling code (swiftsvd_cli/model/hf, `SHIPPED`) next to a factored checkpoint's weights."""
+    for name in SHIPPED:
+        shutil.copyfile(SOURCE / name, directory / name)
+
+
 def save_compressed(model: Any, tokenizer: Any, section: CompressedSection, out: Path) -> None:
     """Write a compressed directory into a temp dir beside `out`, then swap it in: `out` is never half-written."""
     tmp = make_temp_dir(out.parent, out.name)
@@ -59,8 +65,7 @@ def save_compressed(model: Any, tokenizer: Any, section: CompressedSection, out:
             section.save(tmp / MERGED_FILE)
         else:
             factored_config(model.config, section).save_pretrained(tmp)  # replaces the base config.json
-            for name in SHIPPED:
-                shutil.copyfile(SOURCE / name, tmp / name)
+            write_model_code(tmp)
         if out.exists():  # only reached with --force
             shutil.rmtree(out)
         tmp.rename(out)
