@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -274,3 +275,16 @@ def test_an_eigenbasis_of_another_gram_is_recomputed(
     index_file.write_text(index_file.read_text().replace('"format_version": 1', '"format_version": 0'))
     stale = run_allocate(AllocateOptions(work=work, ratio=0.5, strategy="uniform", device="cpu", force=True))
     assert stale.eigen_computed == [0, 1]  # a cache of another format is recomputed, not refused
+
+
+def test_compress_refuses_an_eigenbasis_of_another_gram(work: Path, trained_llama_dir: Path, tmp_path: Path) -> None:
+    plan = plan_for(work, 0.6)
+    copy = tmp_path / "work"
+    shutil.copytree(work, copy)
+    index = EigenIndex.load(copy)
+    index.with_layer(0, dataclasses.replace(index.layers[0], gram_sha256="0" * 64)).save(copy / "eigen" / "index.json")
+    moved = RankPlan.load(plan)
+    moved = dataclasses.replace(moved, work=str(copy))
+    moved.save(tmp_path / "plan.json")
+    with pytest.raises(SwiftSVDError, match="no eigenbasis of layer 0's current Gram"):
+        compress_to(trained_llama_dir, tmp_path / "plan.json", tmp_path / "out")

@@ -63,9 +63,12 @@ class FactorSource:
         device = self.device
         weights = {name: linears[name].weight.detach().to(device=device, dtype=torch.float64) for name in ranks}
         if self.method == Method.SWIFT:
-            if index not in self.eigen.layers:
-                raise SwiftSVDError(f"{self.work} has no eigenbasis for layer {index}: rerun `swiftsvd allocate`")
-            bases = self._read(self.eigen.layers[index].shard)
+            record = self.eigen.layers.get(index)
+            if record is None or record.gram_sha256 != self.manifest.layers[index].shard.sha256:
+                raise SwiftSVDError(
+                    f"{self.work} has no eigenbasis of layer {index}'s current Gram: rerun `swiftsvd allocate`"
+                )
+            bases = self._read(record.shard)
             return {
                 name: factorize(W, bases[f"{name}.vectors"].to(device=device, dtype=torch.float64), ranks[name])
                 for name, W in weights.items()
