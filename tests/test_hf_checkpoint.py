@@ -32,7 +32,7 @@ from tests.conftest import calibrated_plan, save_tiny_model
 IDS = torch.tensor([[1, 17, 42, 99, 5, 63, 7, 128, 200, 3]])
 PLAIN = """
 import json, sys, torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 ids = torch.tensor(json.loads(sys.argv[1]))
 for directory in sys.argv[2:]:
     try:
@@ -45,8 +45,9 @@ for directory in sys.argv[2:]:
         torch.save(model(ids).logits, directory + "/plain_logits.pt")
     generated = model.generate(ids, max_new_tokens=6, do_sample=False)
     factored = sum(type(m).__name__ == "LowRankLinear" for m in model.modules())
+    words = len(AutoTokenizer.from_pretrained(directory, trust_remote_code=True)("A stitch in time").input_ids)
     print(json.dumps({"dir": directory, "refused": refused, "class": type(model).__name__, "factored": factored,
-                      "generated": generated.shape[1], "generated_ids": generated[0].tolist()}))
+                      "generated": generated.shape[1], "generated_ids": generated[0].tolist(), "tokens": words}))
 print(json.dumps({"swiftsvd_imported": any(name.startswith("swiftsvd") for name in sys.modules)}))
 """
 
@@ -116,7 +117,7 @@ def test_plain_transformers_loads_what_load_compressed_loads(compressed_dirs: di
     assert lines[-1] == {"swiftsvd_imported": False}
     for result, (family, directory) in zip(lines[:-1], compressed_dirs.items(), strict=True):
         assert "custom code" in result["refused"], result  # refused without trust_remote_code, not garbage
-        assert result["class"] == MODELS[family].__name__ and result["factored"] > 0
+        assert result["class"] == MODELS[family].__name__ and result["factored"] > 0 and result["tokens"] > 0
         model, _ = load_compressed(directory)
         assert result["factored"] == sum(isinstance(m, LowRankLinear) for m in model.modules())
         with torch.no_grad():
