@@ -16,7 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from swiftsvd_cli import __version__, config
-from swiftsvd_cli.config import DType, Method, Strategy
+from swiftsvd_cli.config import DType, FactorDType, Method, Strategy
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.log import console, setup_logging
 from swiftsvd_cli.recipes import KEYS, coerce, load_recipe
@@ -31,7 +31,7 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
-ONE_SHOT = "One shot (--ratio)"  # help panel of the options only the one shot uses; refused with --plan
+ONE_SHOT = "One shot (--ratio or --bytes-ratio)"  # help panel of the one shot's own options; refused with --plan
 DEMO_DEFAULT = "demo: configs/demo.yaml's"
 
 
@@ -62,9 +62,23 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing art
 SeedOpt = Annotated[int, typer.Option(help="Seed of the random calibration window positions.")]
 BatchOpt = Annotated[int, typer.Option(help="Calibration windows per forward pass.")]
 RatioOpt = Annotated[
-    float,
+    float | None,
     typer.Option(
         help="Fraction of the compressed linears' parameters KEPT (paper convention): 1.0 = original, 0.4 keeps 40%."
+    ),
+]
+BytesRatioOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Instead of --ratio: share of the target linears' 16-bit bytes to keep (0.5 = half a bf16 model); "
+        "picks the largest ranks that fit with --factor-dtype."
+    ),
+]
+FactorDtypeOpt = Annotated[
+    FactorDType | None,
+    typer.Option(
+        help="int8: store the factors (and target linears left dense) as int8 codes + float32 row scales "
+        "(torchao round-to-nearest). Default: the model's dtype (with --plan: the plan's)."
     ),
 ]
 StrategyOpt = Annotated[Strategy, typer.Option(help="dynamic: paper Algorithm 2, alpha by validation perplexity.")]
@@ -202,7 +216,9 @@ def calibrate(
 @command(skip=("model",))  # allocate's --model relocates the calibrated model; a recipe's model is a hub id
 def allocate(
     work: Annotated[Path, typer.Argument(help="WORK directory written by `swiftsvd calibrate`.")],
-    ratio: RatioOpt,
+    ratio: RatioOpt = None,
+    bytes_ratio: BytesRatioOpt = None,
+    factor_dtype: FactorDtypeOpt = None,
     strategy: StrategyOpt = config.STRATEGY,
     alpha: AlphaOpt = None,
     delta: DeltaOpt = config.DELTA,
@@ -216,13 +232,15 @@ def allocate(
     device: DeviceOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing plan of that name.")] = False,
 ) -> None:
-    """Eigenbases (computed once, cached in WORK) and a rank plan for a ratio: WORK/plans/NAME.json."""
+    """Eigenbases (computed once, cached in WORK) and a rank plan for a ratio or byte budget: WORK/plans/NAME.json."""
     from swiftsvd_cli.stages.allocate import AllocateOptions, run_allocate
     from swiftsvd_cli.tables import allocation_summary, plan_table
 
     options = AllocateOptions(
         work=work,
         ratio=ratio,
+        bytes_ratio=bytes_ratio,
+        factor_dtype=factor_dtype,
         strategy=strategy,
         alpha=alpha,
         delta=delta,
@@ -245,11 +263,15 @@ def compress(
     ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for the compressed model.")],
     model: ModelArg = None,
-    plan: Annotated[Path | None, typer.Option(help="Rank plan from `swiftsvd allocate` (else give --ratio).")] = None,
+    plan: Annotated[
+        Path | None, typer.Option(help="Rank plan from `swiftsvd allocate` (else --ratio or --bytes-ratio).")
+    ] = None,
     ratio: Annotated[
         float | None,
         typer.Option(help="One shot: calibrate/allocate as needed, then compress. Fraction of parameters KEPT."),
     ] = None,
+    bytes_ratio: BytesRatioOpt = None,
+    factor_dtype: FactorDtypeOpt = None,
     method: MethodOpt = config.METHOD,
     merge: Annotated[
         bool, typer.Option("--merge", help="Write a plain dense checkpoint (loads without swiftsvd).")
@@ -292,24 +314,28 @@ def compress(
     trust_remote_code: RemoteCodeOpt = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
 ) -> None:
-    """Compress MODEL by a plan (--plan) or in one shot (--ratio), into a loadable low-rank checkpoint."""
+    """Compress MODEL by a plan (--plan) or in one shot (--ratio / --bytes-ratio), into a loadable checkpoint."""
     from swiftsvd_cli.model.loading import ModelSource
     from swiftsvd_cli.stages.compress import CompressOptions
     from swiftsvd_cli.stages.pipeline import OneShotOptions, compress
     from swiftsvd_cli.tables import compression_table, plan_table
 
-    if (plan is None) == (ratio is None):
-        raise SwiftSVDError("give exactly one of --plan PLAN or --ratio RATIO")
+    if sum(option is not None for option in (plan, ratio, bytes_ratio)) != 1:
+        raise SwiftSVDError("give exactly one of --plan PLAN, --ratio RATIO or --bytes-ratio RATIO")
     if plan is not None and (given := _given_in_panel(ctx, ONE_SHOT)):
-        raise SwiftSVDError(f"{', '.join(given)} only apply to the one shot (--ratio), not to --plan")
+        raise SwiftSVDError(f"{', '.join(given)} only apply to the one shot (--ratio or --bytes-ratio), not to --plan")
     source = ModelSource(_model(model), dtype, device, revision, trust_remote_code)
     options: CompressOptions | OneShotOptions
     if plan is not None:
-        options = CompressOptions(source=source, out=out, plan=plan, method=method, merge=merge, force=force)
+        options = CompressOptions(
+            source=source, out=out, plan=plan, method=method, merge=merge, force=force, factor_dtype=factor_dtype
+        )
     else:
         options = OneShotOptions(
             source=source,
-            ratio=ratio or 0.0,
+            ratio=ratio,
+            bytes_ratio=bytes_ratio,
+            factor_dtype=factor_dtype,
             out=out,
             work=work,
             strategy=strategy,

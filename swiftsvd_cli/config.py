@@ -44,6 +44,12 @@ class DType(Choice):
     FLOAT16 = "float16"
 
 
+class FactorDType(Choice):
+    """How factors (and the target linears a plan leaves dense) are stored when not in the model's dtype."""
+
+    INT8 = "int8"  # int8 codes + one float32 scale per row (torchao's int8 weight-only round-to-nearest)
+
+
 C = TypeVar("C", bound=Choice)
 
 DATA = "wikitext2"

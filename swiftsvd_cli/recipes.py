@@ -40,6 +40,7 @@ KEYS = (
     "val_data",
     "val_samples",
     "merge",
+    "factor_dtype",  # int8: factors stored as int8 codes + row scales
     "tasks",
     "limit",
     "zeroshot_limit",

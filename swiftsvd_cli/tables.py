@@ -62,6 +62,7 @@ def _rows(report: EvalReport) -> list[tuple[str, list[float | None], Any]]:
     add("params", [t.size.get("params_total") for t in targets], _human)
     add("params in target linears", [t.size.get("params_target_linear") for t in targets], _human)
     add("weights in memory", [t.size.get("weights_bytes") for t in targets], human_bytes)
+    add("target linears in memory", [t.size.get("target_bytes") for t in targets], human_bytes)
     add("checkpoint", [t.size.get("checkpoint_bytes") for t in targets], human_bytes)
     for key, label, fmt in (
         ("prefill_tokens_per_s", "prefill tok/s", "{:.1f}".format),
@@ -158,6 +159,8 @@ def allocation_summary(result: AllocationResult) -> str:
 def compression_table(result: CompressResult, method: str, merge: bool) -> Table:
     table = Table(title=f"compressed {result.plan.model.model_id} -> {result.out}", show_header=False)
     table.add_row("method", f"{method}" + (" (merged dense)" if merge else ""))
+    if result.factor_dtype is not None:
+        table.add_row("stored as", f"{result.factor_dtype} (every target linear)")
     table.add_row(
         "parameters",
         f"{result.params_before:,} -> {result.params_after:,} "

@@ -77,7 +77,13 @@ def test_choices_are_listed_and_typos_rejected_by_the_parser() -> None:
     help_text = runner.invoke(app, ["compress", "-h"], env={"COLUMNS": "250"}).output
     for choices in ("dynamic|uniform", "swift|svd|asvd|svd-llm", "auto|float32|bfloat16|float16"):
         assert choices in help_text
-    for arguments in (["--strategy", "dynamc"], ["--method", "svdllm"], ["--dtype", "fp16"], ["--device", "gpu"]):
+    for arguments in (
+        ["--strategy", "dynamc"],
+        ["--method", "svdllm"],
+        ["--dtype", "fp16"],
+        ["--device", "gpu"],
+        ["--factor-dtype", "int3"],
+    ):
         result = runner.invoke(app, ["compress", "demo", "--ratio", "0.5", "--out", "x", *arguments])
         assert result.exit_code == 2 and "Invalid value" in result.output, arguments  # the parser, before any work
 
@@ -90,7 +96,10 @@ def test_one_shot_options_with_a_plan_are_one_line_errors(tmp_path: Path) -> Non
     ):
         result = runner.invoke(app, ["compress", "demo", "--plan", str(plan), "--out", "x", option, value])
         assert result.exit_code == 1, (option, result.output)
-        assert result.output.strip() == f"error: {option} only apply to the one shot (--ratio), not to --plan"
+        assert (
+            result.output.strip()
+            == f"error: {option} only apply to the one shot (--ratio or --bytes-ratio), not to --plan"
+        )
 
 
 def test_model_from_nowhere_is_an_error(tmp_path: Path) -> None:

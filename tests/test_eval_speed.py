@@ -6,27 +6,14 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from torch import nn
 
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.metrics.speed import checkpoint_bytes, measure_size, measure_speed
+from swiftsvd_cli.model.hf.lowrank import LowRankLinear
 from tests.conftest import build_tiny_model
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class Factored(nn.Module):
-    """Stand-in for the low-rank module: y = A (B x) + b, keeping in/out_features like nn.Linear."""
-
-    def __init__(self, linear: nn.Linear, rank: int) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.B = nn.Linear(linear.in_features, rank, bias=False)
-        self.A = nn.Linear(rank, linear.out_features, bias=linear.bias is not None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.A(self.B(x))
 
 
 def dense_target_params(model: nn.Module) -> int:
@@ -52,7 +39,7 @@ def test_size_counts_factored_modules() -> None:
     dense = measure_size(model)
     attn = model.model.layers[1].self_attn
     q = attn.q_proj  # 32 -> 32
-    attn.q_proj = Factored(q, rank=4)
+    attn.q_proj = LowRankLinear(q.in_features, q.out_features, 4, q.bias is not None)
     size = measure_size(model)
     assert size.lowrank_modules == 1
     assert size.params_lowrank == 4 * (32 + 32)

@@ -1,13 +1,13 @@
 """The compressed-model section: what a compressed directory is, how it was made, and its rank per module.
 
-A factored directory carries it as the `swiftsvd` object of `config.json` (the shipped modeling code reads its
-`ranks` to build the factored modules before the weights load); a `--merge`d dense directory, whose config is
-the base model's, carries it as `swiftsvd.json`.
+A factored directory carries it as the `swiftsvd` object of `config.json` (the shipped modeling code reads
+its `ranks`, `factor_dtype` and `int8_dense` to build the factored modules before the weights load); a
+`--merge`d dense directory, whose config is the base model's, carries it as `swiftsvd.json`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -61,6 +61,8 @@ class CompressedSection(Artifact):
     allocation: dict[str, Any]  # the resolved allocate options of the plan (ratio, strategy, delta, ...)
     calibration: dict[str, Any]  # the calibration settings of the plan's WORK (data, samples, seqlen, seed, ...)
     provenance: Provenance  # inputs: the plan and the base model
+    factor_dtype: str | None = None  # "int8": every target linear stored as int8 codes + float32 row scales
+    int8_dense: list[str] = field(default_factory=list)  # with int8: the target linears left dense (full names)
 
 
 def load_section(directory: Path) -> CompressedSection:

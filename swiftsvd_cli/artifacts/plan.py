@@ -56,10 +56,17 @@ class RankPlan(Artifact):
     delta: float | None = None
     candidates: list[dict[str, float]] = field(default_factory=list)  # α grid: alpha, val_ppl, achieved_ratio
     validation: dict[str, Any] = field(default_factory=dict)  # how candidates were scored
+    factor_dtype: str | None = None  # stored dtype the plan was sized for (None: the model's)
+    bytes_ratio: float | None = None  # target share of the 16-bit target-linear bytes, if sized by bytes
+    achieved_bytes_ratio: float | None = None  # stored bytes / 16-bit bytes of the target linears
 
     def ranks(self, layers_path: str) -> dict[str, int]:
         """Full module name -> rank for every factored (non-dense) module."""
         return {f"{layers_path}.{p.layer}.{p.module}": p.rank for p in self.modules if not p.dense}
+
+    def rank_map(self) -> dict[tuple[int, str], int]:
+        """(layer, module path in the layer) -> rank, dense modules included."""
+        return {(p.layer, p.module): p.rank for p in self.modules}
 
     @classmethod
     def load(cls, path: Path) -> RankPlan:

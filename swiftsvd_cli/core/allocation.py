@@ -8,7 +8,7 @@ so such a module stays dense and costs m n.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from torch import Tensor
 
@@ -126,3 +126,53 @@ def dynamic_ranks(
             if ranks[i] == cap:
                 ranks[i] = cap - 1
     return ranks
+
+
+REFERENCE_BITS = 16
+"""`--bytes-ratio` is relative to the target linears stored at 16 bits (a bf16 / fp16 checkpoint)."""
+
+INT8_SCALE_BYTES = 4
+"""int8 weights carry one float32 scale per row of every stored matrix (torchao's int8 weight-only scheme)."""
+
+
+def weight_bytes(m: int, n: int, k: int, factor_dtype: str | None) -> int:
+    """Stored bytes of an (m, n) target linear's weights at rank k (biases excluded: they never change).
+
+    `factor_dtype` None: 16-bit values, A (m, k) and B (k, n), or W if dense. "int8": one byte per value
+    plus a float32 scale per row: A has m rows, B has k, a dense W has m.
+    """
+    dense = is_dense(m, n, k)
+    if factor_dtype is None:
+        return REFERENCE_BITS // 8 * parameter_count(m, n, k)
+    if factor_dtype != "int8":
+        raise ValueError(f"unknown factor dtype {factor_dtype!r}")
+    rows = m if dense else m + k
+    return parameter_count(m, n, k) + INT8_SCALE_BYTES * rows
+
+
+def reference_bytes(shapes: Iterable[tuple[int, int]]) -> int:
+    """Bytes of the original target linears at 16 bits: the denominator of `--bytes-ratio`."""
+    return sum(REFERENCE_BITS // 8 * m * n for m, n in shapes)
+
+
+def largest_fitting_ratio(bytes_at: Callable[[float], int], budget: float, steps: int = 64) -> float | None:
+    """The largest kept ratio ρ in [0, 1] whose plan's bytes `bytes_at(ρ)` stay within `budget`.
+
+    Plans are step functions of ρ whose bytes grow with ρ (ranks only grow, and a module turns dense only
+    when its factors would cost as much), so bisection finds the last step that fits; 64 halvings resolve
+    ρ below float precision. None if even ρ = 0 does not fit.
+    """
+    if bytes_at(1.0) <= budget:
+        return 1.0
+    if bytes_at(0.0) > budget:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            break
+        if bytes_at(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo

@@ -9,7 +9,7 @@ Ranks always come from a plan, so methods differ only in the factorisation.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,6 +25,8 @@ from swiftsvd_cli.core.baselines import asvd_factors, svd_factors, svd_llm_facto
 from swiftsvd_cli.core.linalg import factorize
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.model.architectures import ArchSpec, decoder_layers, target_linears
+from swiftsvd_cli.model.hf.lowrank import LowRankLinear, replace_module
+from swiftsvd_cli.model.quantize import quantize_module
 
 logger = logging.getLogger("swiftsvd")
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -92,6 +94,48 @@ class FactorSource:
         return factors
 
 
+def wanted_ranks(ranks: RankMap, index: int, linears: dict[str, nn.Linear]) -> dict[str, int]:
+    """The modules of layer `index` that `ranks` factors (a rank at or past break-even keeps a module dense)."""
+    return {
+        name: k
+        for (i, name), k in ranks.items()
+        if i == index and not is_dense(linears[name].out_features, linears[name].in_features, k)
+    }
+
+
+def apply_factors(
+    model: nn.Module,
+    spec: ArchSpec,
+    ranks: RankMap,
+    factors_of: Callable[[int, dict[str, nn.Linear], dict[str, int]], Factors],
+    *,
+    merge: bool = False,
+    factor_dtype: str | None = None,
+    on_layer: Callable[[], None] = lambda: None,
+) -> None:
+    """Factor `model` in place: each planned linear becomes a `LowRankLinear` (or, with `merge`, its dense A B).
+
+    With `factor_dtype` "int8" every target linear is then stored quantised: both factors of a factored
+    one, the weight of one left dense. Factors are quantised from float32, not from the model's dtype.
+    """
+    dtype = next(model.parameters()).dtype
+    build_dtype = torch.float32 if factor_dtype is not None else dtype
+    for index, layer in enumerate(decoder_layers(model, spec)):
+        linears = target_linears(layer, spec)
+        for name, (A, B) in factors_of(index, linears, wanted_ranks(ranks, index, linears)).items():
+            linear = linears[name]
+            with torch.no_grad():
+                if merge:
+                    linear.weight.copy_((A @ B).to(dtype))
+                else:
+                    bias = None if linear.bias is None else linear.bias.detach()
+                    replace_module(layer, name, LowRankLinear.from_factors(A, B, bias, build_dtype))
+        if factor_dtype is not None:
+            for name in linears:
+                replace_module(layer, name, quantize_module(layer.get_submodule(name), dtype))
+        on_layer()
+
+
 @contextmanager
 def reconstructed(model: nn.Module, spec: ArchSpec, ranks: RankMap, factors_of: FactorSource) -> Iterator[None]:
     """Temporarily replace each factored weight by its dense rank-k reconstruction A B."""
@@ -99,12 +143,7 @@ def reconstructed(model: nn.Module, spec: ArchSpec, ranks: RankMap, factors_of: 
     try:
         for index, layer in enumerate(decoder_layers(model, spec)):
             linears = target_linears(layer, spec)
-            wanted = {
-                name: k
-                for (i, name), k in ranks.items()
-                if i == index and not is_dense(linears[name].out_features, linears[name].in_features, k)
-            }
-            for name, (A, B) in factors_of(index, linears, wanted).items():
+            for name, (A, B) in factors_of(index, linears, wanted_ranks(ranks, index, linears)).items():
                 weight = linears[name].weight
                 saved.append((weight, weight.detach().clone()))
                 with torch.no_grad():

@@ -37,6 +37,7 @@ class SizeResult:
     lowrank_modules: int
     weights_bytes: int  # parameters + buffers in memory: exact, comparable across targets on any device
     checkpoint_bytes: int | None  # sum of *.safetensors (or *.bin / *.gguf) in the model directory
+    target_bytes: int = 0  # the target linears' tensors in memory (codes + scales when quantised)
 
     @property
     def target_kept_ratio(self) -> float | None:
@@ -82,8 +83,19 @@ def _fallback_targets(model: Any) -> list[Any]:
     return [m for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
 
 
-def _numel(module: Any) -> int:
-    return sum(int(p.numel()) for p in module.parameters())
+def tensor_bytes(tensor: Any) -> int:
+    """Real bytes of a tensor; a wrapper subclass (torchao's quantised tensors report their float dtype's
+    element size) is counted by the plain tensors it holds (codes, scales, zero points)."""
+    flatten = getattr(type(tensor), "__tensor_flatten__", None)
+    if flatten is not None:
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return int(tensor.numel()) * int(tensor.element_size())
+
+
+def module_bytes(module: Any) -> int:
+    """Bytes of a module's parameters and buffers as stored in memory."""
+    return sum(tensor_bytes(t) for t in (*module.parameters(), *module.buffers()))
 
 
 def _dense_numel(module: Any) -> int | None:
@@ -109,22 +121,27 @@ def checkpoint_bytes(location: Path | None) -> int | None:
 
 
 def measure_size(model: Any, location: Path | None = None) -> SizeResult:
-    """Parameter counts from the modules in memory (never from the config), and checkpoint bytes on disk."""
-    from torch import nn
+    """Parameter counts from the modules in memory (never from the config), and checkpoint bytes on disk.
+
+    Int8 codes count as parameters (they are the weights, stored as integer buffers); bytes are real.
+    """
+    from swiftsvd_cli.model.hf.lowrank import LowRankLinear
+    from swiftsvd_cli.model.hf.qlinear import weight_count
 
     targets = _target_modules(model)
     if targets is None:
         targets = _fallback_targets(model)
     dense = [_dense_numel(m) for m in targets]
-    lowrank = [m for m in targets if not isinstance(m, nn.Linear)]
+    lowrank = [m for m in targets if isinstance(m, LowRankLinear)]
     return SizeResult(
-        params_total=_numel(model),
-        params_target_linear=sum(_numel(m) for m in targets),
+        params_total=weight_count(model),
+        params_target_linear=sum(weight_count(m) for m in targets),
         params_target_dense=None if any(d is None for d in dense) else sum(d or 0 for d in dense),
-        params_lowrank=sum(_numel(m) for m in lowrank),
+        params_lowrank=sum(weight_count(m) for m in lowrank),
         lowrank_modules=len(lowrank),
-        weights_bytes=sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())),
+        weights_bytes=module_bytes(model),
         checkpoint_bytes=checkpoint_bytes(location),
+        target_bytes=sum(module_bytes(m) for m in targets),
     )
 
 

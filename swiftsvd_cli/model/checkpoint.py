@@ -3,7 +3,9 @@
 A factored directory is a Hugging Face model directory with a model_type of its own ("swiftsvd_llama", ...):
 `config.json` is the base model's config plus the `swiftsvd` section (swiftsvd_cli.artifacts.compressed) and an
 `auto_map` naming the modeling code copied next to the weights (swiftsvd_cli/model/hf); `model.safetensors`
-holds `<module>.A.weight` / `<module>.B.weight` for each factored linear and the untouched weights as they were.
+holds `<module>.A.weight` / `<module>.B.weight` for each factored linear and the untouched weights as they were;
+with `factor_dtype` "int8" in the section every target linear is an `Int8Linear` (`qweight` int8 codes + `scale`
+float32 per row): the factors' A and B, and the weight of each target linear left dense (`int8_dense`).
 Plain transformers loads it with `trust_remote_code=True` and refuses it without; `load_compressed` builds the
 same classes from this package and never imports the code inside the directory. A `--merge`d directory is a
 plain dense checkpoint with the section in `swiftsvd.json`.

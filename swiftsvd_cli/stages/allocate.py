@@ -27,6 +27,7 @@ from swiftsvd_cli.config import (
     METHOD,
     STRATEGY,
     VAL_SAMPLES,
+    FactorDType,
     Method,
     Strategy,
     check_ratio,
@@ -36,7 +37,10 @@ from swiftsvd_cli.core.allocation import (
     achieved_ratio,
     dynamic_ranks,
     is_dense,
+    largest_fitting_ratio,
     minimal_loss_at_uniform,
+    reference_bytes,
+    weight_bytes,
 )
 from swiftsvd_cli.core.linalg import effective_rank, loss_at_rank, normalized_effective_rank, uniform_rank
 from swiftsvd_cli.data.text import load_text, tokenize
@@ -54,7 +58,7 @@ logger = logging.getLogger("swiftsvd")
 @dataclass(frozen=True)
 class AllocateOptions:
     work: Path
-    ratio: float
+    ratio: float | None = None  # kept-parameter ratio; or give bytes_ratio
     strategy: Strategy = STRATEGY
     alpha: float | None = None  # fixes α and skips the grid search
     delta: float = DELTA
@@ -66,6 +70,14 @@ class AllocateOptions:
     name: str | None = None
     device: str | None = None
     force: bool = False
+    bytes_ratio: float | None = None  # share of the 16-bit target-linear bytes to keep, instead of ratio
+    factor_dtype: FactorDType | None = None  # stored dtype of the factors (int8), for the byte count
+
+    @property
+    def default_name(self) -> str:
+        if self.bytes_ratio is not None:
+            return f"bytes-{self.bytes_ratio:.2f}-{self.factor_dtype or '16bit'}-{self.strategy}"
+        return f"ratio-{self.ratio:.2f}-{self.strategy}"
 
 
 @dataclass(frozen=True)
@@ -103,9 +115,22 @@ def plan_ranks(
     return ranks
 
 
+def check_target(ratio: float | None, bytes_ratio: float | None, factor_dtype: str | None) -> FactorDType | None:
+    """Exactly one of --ratio / --bytes-ratio, each in (0, 1]; the factor dtype as a choice (None: the model's)."""
+    if (ratio is None) == (bytes_ratio is None):
+        raise SwiftSVDError("give exactly one of --ratio (parameters kept) or --bytes-ratio (bytes kept)")
+    if ratio is not None:
+        check_ratio(ratio)
+    elif bytes_ratio is not None and not 0.0 < bytes_ratio <= 1.0:
+        raise SwiftSVDError(
+            f"--bytes-ratio {bytes_ratio} is outside (0, 1]: it is the share of the 16-bit target-linear bytes kept"
+        )
+    return None if factor_dtype is None else choice(FactorDType, factor_dtype)
+
+
 def run_allocate(options: AllocateOptions) -> AllocationResult:
-    """Write `WORK/plans/<name>.json` for `options.ratio`, computing eigenbases only where none are cached."""
-    check_ratio(options.ratio)
+    """Write `WORK/plans/<name>.json` for the target ratio, computing eigenbases only where none are cached."""
+    factor_dtype = check_target(options.ratio, options.bytes_ratio, options.factor_dtype)
     strategy = choice(Strategy, options.strategy)
     choice(Method, options.method)
     if options.alpha is not None and not 0.0 <= options.alpha <= 1.0:
@@ -115,7 +140,7 @@ def run_allocate(options: AllocateOptions) -> AllocationResult:
     start = time.perf_counter()
     work = options.work
     manifest = load_complete_manifest(work)
-    name = options.name or f"ratio-{options.ratio:.2f}-{strategy}"
+    name = options.name or options.default_name
     path = work / "plans" / f"{name}.json"
     if path.exists() and not options.force:
         raise SwiftSVDError(f"plan {path} exists: pass --force to replace it or --name to write another")
@@ -123,9 +148,24 @@ def run_allocate(options: AllocateOptions) -> AllocationResult:
     calibrated = load_spectra(work, manifest, options.model, device)
     spec, spectra, shapes = calibrated.spec, calibrated.eigenvalues, calibrated.shapes
     importance = manifest.importance()
+    layer_shapes = [shapes[module] for (_, module) in spectra]
+    budget = None if options.bytes_ratio is None else options.bytes_ratio * reference_bytes(layer_shapes)
+
+    def ranks_at(ratio: float, alpha: float) -> RankMap:
+        return plan_ranks(spectra, shapes, importance, ratio, strategy, alpha, options.delta)
+
+    def ratio_for(alpha: float) -> float:
+        """--ratio as given, or the largest kept ratio whose plan fits the byte budget."""
+        if budget is None:
+            assert options.ratio is not None
+            return options.ratio
+        found = largest_fitting_ratio(lambda ratio: plan_bytes(ranks_at(ratio, alpha), shapes, factor_dtype), budget)
+        if found is None:
+            raise SwiftSVDError(f"--bytes-ratio {options.bytes_ratio} is too small: not even rank 0 fits")
+        return found
 
     def plan_for(alpha: float) -> RankMap:
-        return plan_ranks(spectra, shapes, importance, options.ratio, strategy, alpha, options.delta)
+        return ranks_at(ratio_for(alpha), alpha)
 
     candidates: list[dict[str, float]] = []
     validation: dict[str, object] = {}
@@ -137,7 +177,8 @@ def run_allocate(options: AllocateOptions) -> AllocationResult:
             alpha, candidates, validation = search_alpha(
                 options, manifest, calibrated.index, loaded, spec, plan_for, shapes, device
             )
-    ranks = plan_for(alpha if alpha is not None else 0.0)
+    ratio = ratio_for(alpha if alpha is not None else 0.0)
+    ranks = ranks_at(ratio, alpha if alpha is not None else 0.0)
     order = {module: position for position, module in enumerate(spec.modules)}
     modules = [
         module_plan(index, module, shapes[module], ranks[(index, module)], spectra[(index, module)], importance[index])
@@ -147,7 +188,7 @@ def run_allocate(options: AllocateOptions) -> AllocationResult:
         work=str(work.resolve()),
         model=manifest.model,
         strategy=str(strategy),
-        target_ratio=options.ratio,
+        target_ratio=ratio,
         achieved_ratio=achieved_ratio((p.m, p.n, p.rank) for p in modules),
         modules=modules,
         options=jsonable(options),
@@ -156,11 +197,21 @@ def run_allocate(options: AllocateOptions) -> AllocationResult:
         delta=options.delta if strategy == Strategy.DYNAMIC else None,
         candidates=candidates,
         validation=validation,
+        factor_dtype=None if factor_dtype is None else str(factor_dtype),
+        bytes_ratio=options.bytes_ratio,
+        achieved_bytes_ratio=plan_bytes(ranks, shapes, factor_dtype) / reference_bytes(layer_shapes),
     )
+    if options.bytes_ratio is not None:
+        logger.info("bytes ratio %.3f: kept-parameter ratio %.4f fits", options.bytes_ratio, ratio)
     plan.save(path)
     return AllocationResult(
         plan=plan, path=path, eigen_computed=calibrated.computed, seconds=time.perf_counter() - start
     )
+
+
+def plan_bytes(ranks: RankMap, shapes: dict[str, tuple[int, int]], factor_dtype: str | None) -> int:
+    """Stored bytes of every target linear's weights under `ranks`."""
+    return sum(weight_bytes(*shapes[module], k, factor_dtype) for (_, module), k in ranks.items())
 
 
 def module_plan(

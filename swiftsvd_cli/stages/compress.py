@@ -7,22 +7,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from swiftsvd_cli.artifacts.compressed import CompressedSection
 from swiftsvd_cli.artifacts.format import jsonable
 from swiftsvd_cli.artifacts.manifest import load_complete_manifest
 from swiftsvd_cli.artifacts.plan import RankPlan
 from swiftsvd_cli.artifacts.provenance import make_provenance
 from swiftsvd_cli.artifacts.store import sha256_file
-from swiftsvd_cli.config import METHOD, Method, check_ratio, choice
+from swiftsvd_cli.config import METHOD, FactorDType, Method, check_ratio, choice
 from swiftsvd_cli.engine.eigen import load_eigen_index
-from swiftsvd_cli.engine.factors import FactorSource
+from swiftsvd_cli.engine.factors import FactorSource, apply_factors
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.log import progress
-from swiftsvd_cli.model.architectures import arch_for, decoder_layers, target_linears
+from swiftsvd_cli.model.architectures import arch_for
 from swiftsvd_cli.model.checkpoint import save_compressed
-from swiftsvd_cli.model.hf.lowrank import LowRankLinear, replace_module
+from swiftsvd_cli.model.hf.qlinear import weight_count
 from swiftsvd_cli.model.loading import ModelSource
 
 logger = logging.getLogger("swiftsvd")
@@ -36,6 +34,7 @@ class CompressOptions:
     method: Method = METHOD
     merge: bool = False
     force: bool = False
+    factor_dtype: FactorDType | None = None  # int8: every target linear stored quantised; None: as the plan says
 
 
 @dataclass(frozen=True)
@@ -46,6 +45,7 @@ class CompressResult:
     params_before: int
     params_after: int
     seconds: dict[str, float]  # per stage: compress (and, in one shot, calibrate and allocate)
+    factor_dtype: FactorDType | None = None
 
 
 def check_output(out: Path, force: bool) -> None:
@@ -54,8 +54,21 @@ def check_output(out: Path, force: bool) -> None:
         raise SwiftSVDError(f"output {out} exists: pass --force to replace it or choose another --out")
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def resolve_factor_dtype(given: str | None, plan: RankPlan, merge: bool) -> FactorDType | None:
+    """--factor-dtype, else the one the plan's byte budget was sized for; a contradiction is an error."""
+    if given is not None and plan.factor_dtype is not None and given != plan.factor_dtype:
+        raise SwiftSVDError(
+            f"the plan was sized for {plan.factor_dtype} factors: drop --factor-dtype {given} or allocate again"
+        )
+    chosen = given or plan.factor_dtype
+    factor_dtype = None if chosen is None else choice(FactorDType, chosen)
+    check_merge(merge, factor_dtype)
+    return factor_dtype
+
+
+def check_merge(merge: bool, factor_dtype: str | None) -> None:
+    if merge and factor_dtype is not None:
+        raise SwiftSVDError(f"--merge writes dense float weights: it does not combine with {factor_dtype} factors")
 
 
 def run_compress(options: CompressOptions) -> CompressResult:
@@ -65,6 +78,7 @@ def run_compress(options: CompressOptions) -> CompressResult:
     start = time.perf_counter()
     plan = RankPlan.load(options.plan)
     check_ratio(plan.target_ratio)
+    factor_dtype = resolve_factor_dtype(options.factor_dtype, plan, options.merge)
     work = Path(plan.work)
     manifest = load_complete_manifest(work)
     if manifest.model.fingerprint != plan.model.fingerprint:
@@ -77,24 +91,19 @@ def run_compress(options: CompressOptions) -> CompressResult:
         )
     model = loaded.model
     spec = arch_for(model.config)
-    before = count_parameters(model)
-    dtype = next(model.parameters()).dtype
-    ranks = plan.ranks(spec.layers)
+    before = weight_count(model)
     factors = FactorSource(method, work, manifest, load_eigen_index(work, manifest), spec, device)
     with progress() as bar:
         task = bar.add_task("factorising", total=manifest.model.num_layers)
-        for index, layer in enumerate(decoder_layers(model, spec)):
-            linears = target_linears(layer, spec)
-            wanted = {p.module: p.rank for p in plan.modules if p.layer == index and not p.dense}
-            for name, (A, B) in factors(index, linears, wanted).items():
-                linear = linears[name]
-                with torch.no_grad():
-                    if options.merge:
-                        linear.weight.copy_((A @ B).to(dtype))
-                    else:
-                        bias = None if linear.bias is None else linear.bias.detach()
-                        replace_module(layer, name, LowRankLinear.from_factors(A, B, bias, dtype))
-            bar.advance(task)
+        apply_factors(
+            model,
+            spec,
+            plan.rank_map(),
+            factors,
+            merge=options.merge,
+            factor_dtype=factor_dtype,
+            on_layer=lambda: bar.advance(task),
+        )
     section = CompressedSection(
         method=str(method),
         merged=options.merge,
@@ -102,7 +111,7 @@ def run_compress(options: CompressOptions) -> CompressResult:
         alpha=plan.alpha,
         target_ratio=plan.target_ratio,
         achieved_ratio=plan.achieved_ratio,
-        ranks=ranks,
+        ranks=plan.ranks(spec.layers),
         plan=str(options.plan.resolve()),
         base_model=plan.model.model_id,
         base_fingerprint=plan.model.fingerprint,
@@ -110,7 +119,11 @@ def run_compress(options: CompressOptions) -> CompressResult:
         allocation=plan.options,
         calibration=jsonable(manifest.settings),
         provenance=make_provenance(plan=sha256_file(options.plan), model=loaded.fingerprint),
+        factor_dtype=None if factor_dtype is None else str(factor_dtype),
+        int8_dense=[f"{spec.layers}.{p.layer}.{p.module}" for p in plan.modules if p.dense]
+        if factor_dtype == FactorDType.INT8
+        else [],
     )
     save_compressed(model, loaded.tokenizer, section, options.out)
     seconds = {"compress": time.perf_counter() - start}
-    return CompressResult(options.out, plan, work, before, count_parameters(model), seconds)
+    return CompressResult(options.out, plan, work, before, weight_count(model), seconds, factor_dtype)

@@ -26,17 +26,17 @@ from swiftsvd_cli.config import (
     SEQLEN,
     STRATEGY,
     VAL_SAMPLES,
+    FactorDType,
     Method,
     Strategy,
-    check_ratio,
 )
 from swiftsvd_cli.data.demo import cache_dir
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.model.loading import DEMO, ModelSource
 from swiftsvd_cli.recipes import load_recipe
-from swiftsvd_cli.stages.allocate import AllocateOptions, run_allocate
+from swiftsvd_cli.stages.allocate import AllocateOptions, check_target, run_allocate
 from swiftsvd_cli.stages.calibrate import CalibrateOptions, run_calibrate
-from swiftsvd_cli.stages.compress import CompressOptions, CompressResult, check_output, run_compress
+from swiftsvd_cli.stages.compress import CompressOptions, CompressResult, check_merge, check_output, run_compress
 
 logger = logging.getLogger("swiftsvd")
 
@@ -46,7 +46,7 @@ class OneShotOptions:
     """Compress in one shot; None fields take the model's defaults (the demo recipe for `demo`, else the field's)."""
 
     source: ModelSource
-    ratio: float
+    ratio: float | None  # kept-parameter ratio; or give bytes_ratio
     out: Path
     work: Path | None = None
     strategy: Strategy = STRATEGY
@@ -61,6 +61,8 @@ class OneShotOptions:
     seed: int = SEED
     batch_size: int = BATCH_SIZE
     force: bool = False
+    bytes_ratio: float | None = None  # instead of ratio: share of the 16-bit target-linear bytes kept
+    factor_dtype: FactorDType | None = None  # int8: factors stored quantised
 
 
 FIELD_DEFAULTS: dict[str, Any] = {"data": DATA, "samples": SAMPLES, "seqlen": SEQLEN, "val_samples": VAL_SAMPLES}
@@ -80,7 +82,18 @@ def default_work(model: str, data: str, samples: int, seqlen: int, seed: int) ->
     return cache_dir() / "work" / f"{slug}-{Path(data).name}-{samples}x{seqlen}-seed{seed}"
 
 
-PLAN_SETTINGS = ("ratio", "strategy", "alpha", "delta", "method", "val_data", "val_samples", "val_seqlen")
+PLAN_SETTINGS = (
+    "ratio",
+    "bytes_ratio",
+    "factor_dtype",
+    "strategy",
+    "alpha",
+    "delta",
+    "method",
+    "val_data",
+    "val_samples",
+    "val_seqlen",
+)
 """The allocate options a plan depends on (not its name, WORK path, model location or device)."""
 
 
@@ -98,7 +111,7 @@ def _reusable(path: Path, options: AllocateOptions) -> bool:
 
 def run_oneshot(options: OneShotOptions) -> CompressResult:
     """Calibrate and allocate where no valid cached artifact exists, then compress into `options.out`."""
-    check_ratio(options.ratio)
+    check_merge(options.merge, check_target(options.ratio, options.bytes_ratio, options.factor_dtype))
     check_output(options.out, options.force)
     model = options.source.model
     defaults = model_defaults(model)
@@ -119,24 +132,26 @@ def run_oneshot(options: OneShotOptions) -> CompressResult:
             force=options.work is None,  # the default WORK is a cache: one of another format or settings is rebuilt
         )
     )
-    name = (
-        f"ratio-{options.ratio:.2f}-{options.strategy}"
-        + (f"-alpha{options.alpha:.2f}" if options.alpha is not None else "")
-        + (f"-{options.method}" if options.method != Method.SWIFT else "")
-    )
     allocate = AllocateOptions(
         work=work,
         ratio=options.ratio,
+        bytes_ratio=options.bytes_ratio,
+        factor_dtype=options.factor_dtype if options.bytes_ratio is not None else None,  # --ratio plans: any dtype
         strategy=options.strategy,
         alpha=options.alpha,
         delta=options.delta,
         method=options.method,
         model=model,
         val_samples=options.val_samples or defaults["val_samples"],
-        name=name,
         device=options.source.device,
         force=True,
     )
+    name = (
+        allocate.default_name
+        + (f"-alpha{options.alpha:.2f}" if options.alpha is not None else "")
+        + (f"-{options.method}" if options.method != Method.SWIFT else "")
+    )
+    allocate = dataclasses.replace(allocate, name=name)
     plan_path = work / "plans" / f"{name}.json"
     allocate_seconds = 0.0
     if not calibration.computed_layers and _reusable(plan_path, allocate):  # new Grams invalidate old plans
@@ -151,6 +166,7 @@ def run_oneshot(options: OneShotOptions) -> CompressResult:
             method=options.method,
             merge=options.merge,
             force=options.force,
+            factor_dtype=options.factor_dtype,
         )
     )
     seconds = {"calibrate": calibration.seconds, "allocate": allocate_seconds, **result.seconds}

@@ -15,4 +15,4 @@ relative imports and that the modules stay self-contained.
 from pathlib import Path
 
 SOURCE = Path(__file__).parent
-SHIPPED = ("configuration_swiftsvd.py", "modeling_swiftsvd.py", "lowrank.py")
+SHIPPED = ("configuration_swiftsvd.py", "modeling_swiftsvd.py", "lowrank.py", "qlinear.py")

@@ -3,7 +3,9 @@
 Shipped next to the weights (see swiftsvd_cli/model/hf/__init__.py): imports only torch, transformers and its
 sibling modules. The family's `__init__` builds the dense skeleton (on the meta device inside `from_pretrained`),
 then the ranks in `config.swiftsvd["ranks"]` swap in the factored modules, so the state dict matches the
-checkpoint's `<module>.A.weight` / `<module>.B.weight` names and every weight loads as saved.
+checkpoint's `<module>.A.weight` / `<module>.B.weight` names and every weight loads as saved. With
+`config.swiftsvd["factor_dtype"]` "int8" every target linear is an `Int8Linear` instead (`qweight` int8 codes +
+`scale` float32 per row): both factors of a factored one, and the weight of each listed in `int8_dense`.
 """
 
 from typing import Any
@@ -18,14 +20,19 @@ from .configuration_swiftsvd import (
     SwiftSVDQwen3Config,
 )
 from .lowrank import factor_modules
+from .qlinear import int8_modules
 
 
 class LowRankMixin(nn.Module):
-    """Put before the family's CausalLM class: after its `__init__`, swap in the factored linears."""
+    """Put before the family's CausalLM class: after its `__init__`, swap in the factored (or int8) linears."""
 
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)  # the family's CausalLM, next in the MRO
-        factor_modules(self, config.swiftsvd["ranks"])
+        section = config.swiftsvd
+        if section.get("factor_dtype") == "int8":
+            int8_modules(self, section["ranks"], section.get("int8_dense", []))
+        else:
+            factor_modules(self, section["ranks"])
 
 
 class SwiftSVDLlamaForCausalLM(LowRankMixin, LlamaForCausalLM):
