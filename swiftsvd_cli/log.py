@@ -23,6 +23,10 @@ def setup_logging(verbose: bool = False) -> None:
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # our rich bars are the progress; HF's per-shard tqdm bars are noise
     hub_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # offline retries would print a warning line before our one-line error
+    # transformers imports torchao (when installed) at every model load; on CPU builds torchao warns that its
+    # CUDA-only libraries do not load, and torch that torchao registers enums the deprecated way: not actionable
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def progress() -> Progress:

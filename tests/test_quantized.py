@@ -207,3 +207,14 @@ def test_cli_one_shot_byte_budget_and_refusals(trained_llama_dir: Path, tiny_tex
         assert result.exit_code == 1, (case, result.output)
         assert message in result.output and "Traceback" not in result.output, (case, result.output)
     assert not (tmp_path / "x").exists()
+
+
+def test_ratio_one_int8_is_torchaos_quantised_original(work: Path, trained_llama_dir: Path, tmp_path: Path) -> None:
+    """The quantised original that `eval --bench` compares against: every target linear int8, nothing factored."""
+    from transformers import AutoModelForCausalLM
+
+    model, _ = load_compressed(compress(trained_llama_dir, allocate(work, ratio=1.0), tmp_path / "q", "int8"))
+    assert all(isinstance(m, Int8Linear) for n, m in model.named_modules() if n.rpartition(".")[2] in TARGETS)
+    reference = AutoModelForCausalLM.from_pretrained(trained_llama_dir, dtype=torch.float32)
+    quantize_like_torchao(reference)
+    torch.testing.assert_close(logits(model), logits(reference), rtol=1e-4, atol=1e-4)

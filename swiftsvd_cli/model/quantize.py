@@ -9,8 +9,6 @@ imports torchao; loading never does.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
@@ -20,20 +18,11 @@ from swiftsvd_cli.model.hf.qlinear import Int8Linear, int8_lowrank
 
 
 def import_torchao() -> None:
-    """Import torchao, or say how to install it. On CPU builds its CUDA-only extension libraries fail to
-    load and it registers enums torch calls deprecated, a warning each: not actionable by our users, so
-    those two loggers are quiet during the import."""
-    logs = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [log.level for log in logs]
-    for log in logs:
-        log.setLevel(logging.ERROR)
+    """Import torchao, or say how to install it (`setup_logging` quiets its CPU-build warnings)."""
     try:
         import torchao  # noqa: F401
     except ImportError as error:
         raise SwiftSVDError("int8 factors need torchao: pip install 'swiftsvd-cli[quant]'") from error
-    finally:
-        for log, level in zip(logs, levels, strict=True):
-            log.setLevel(level)
 
 
 def int8_codes(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
