@@ -113,8 +113,14 @@ def _caption(report: EvalReport) -> str:
 def plan_table(plan: RankPlan) -> Table:
     """Per matrix type: rank range, mean NER, and the layers given most / least."""
     alpha = "" if plan.alpha is None else f", alpha {plan.alpha:.1f}"
+    budget = (
+        ""
+        if plan.bytes_ratio is None or plan.achieved_bytes_ratio is None
+        else f", {plan.achieved_bytes_ratio:.3f} of the 16-bit bytes ({plan.factor_dtype or '16-bit'} factors)"
+    )
     table = Table(
-        title=f"{plan.strategy} plan: target ratio {plan.target_ratio:.3f}, achieved {plan.achieved_ratio:.4f}{alpha}"
+        title=f"{plan.strategy} plan: target ratio {plan.target_ratio:.3f}, achieved {plan.achieved_ratio:.4f}"
+        f"{alpha}{budget}"
     )
     for column in ("matrix", "shape", "ranks", "dense", "mean NER", "most (layer)", "least (layer)"):
         table.add_column(column)

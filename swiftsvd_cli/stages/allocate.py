@@ -201,7 +201,9 @@ def run_allocate(options: AllocateOptions) -> AllocationResult:
         bytes_ratio=options.bytes_ratio,
         achieved_bytes_ratio=plan_bytes(ranks, shapes, factor_dtype) / reference_bytes(layer_shapes),
     )
-    if options.bytes_ratio is not None:
+    if options.bytes_ratio is not None and ratio == 1.0:
+        logger.info("bytes ratio %.3f: every target linear fits unfactored, no low rank", options.bytes_ratio)
+    elif options.bytes_ratio is not None:
         logger.info("bytes ratio %.3f: kept-parameter ratio %.4f fits", options.bytes_ratio, ratio)
     plan.save(path)
     return AllocationResult(
