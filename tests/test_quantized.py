@@ -74,6 +74,18 @@ def test_int8_linear_is_torchaos_int8_weight_only() -> None:
     torch.testing.assert_close(half(x.bfloat16()).double(), expected, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("width", [5, 8, 24, 173, 576])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_at_any_width_and_dtype(width: int, dtype: torch.dtype) -> None:
+    """Ranks are arbitrary widths; torch's CPU int8 kernel breaks on widths that are not multiples of 16."""
+    torch.manual_seed(width)
+    layer = int8_linear(torch.randn(40, width), None, dtype)
+    x = torch.randn(3, 7, width)
+    expected = x.double() @ layer.dequantize().double().T
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(layer(x.to(dtype)).double(), expected, rtol=tolerance, atol=tolerance * width**0.5)
+
+
 def quantize_like_torchao(model: nn.Module) -> None:
     """The independent reference: torchao's int8 weight-only on every nn.Linear inside the target linears."""
     names = {
