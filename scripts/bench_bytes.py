@@ -12,8 +12,8 @@ stores them (embeddings and the LM head are the same in every row and left out):
   `--factor-dtype int8` modules) and int4 factors (the same torchao int4 config on A and B),
 - int8 factors at the largest ranks that fit a byte budget (`--bytes-ratio`).
 int4 bytes count the codes packed two per byte, plus torchao's scale and zero point per group; torchao's CPU
-layout holds the codes one per byte in memory, which the `memory` column shows. No GPTQ / AWQ: no maintained
-package runs them on CPU here. `--methods` takes any factorisation `swiftsvd allocate --method` knows, so a
+layout holds the codes one per byte in memory, which the `memory` column shows. No GPTQ / AWQ: their packages
+target CUDA, and torchao's prototype AWQ / GPTQ were not tried. `--methods` takes any factorisation `swiftsvd allocate --method` knows, so a
 new one (the compensated variant) joins the table without changes here.
 """
 
