@@ -77,8 +77,8 @@ BytesRatioOpt = Annotated[
 FactorDtypeOpt = Annotated[
     FactorDType | None,
     typer.Option(
-        help="int8: store the factors (and target linears left dense) as int8 codes + float32 row scales "
-        "(torchao round-to-nearest). Default: the model's dtype (with --plan: the plan's)."
+        help="int8: factors (and target linears left dense) as int8 codes + float32 row scales (torchao "
+        "round-to-nearest); also what --bytes-ratio counts. Default: the model's dtype (with --plan: the plan's)."
     ),
 ]
 StrategyOpt = Annotated[Strategy, typer.Option(help="dynamic: paper Algorithm 2, alpha by validation perplexity.")]
@@ -228,7 +228,9 @@ def allocate(
         str | None, typer.Option(help="Text scoring the alpha grid (default: the calibration text).")
     ] = None,
     val_samples: ValSamplesOpt = config.VAL_SAMPLES,
-    name: Annotated[str | None, typer.Option(help="Plan name (default ratio-R-STRATEGY).")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Plan name (default ratio-R-STRATEGY or bytes-B-DTYPE-STRATEGY).")
+    ] = None,
     device: DeviceOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing plan of that name.")] = False,
 ) -> None:
