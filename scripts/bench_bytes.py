@@ -13,8 +13,8 @@ stores them (embeddings and the LM head are the same in every row and left out):
 - int8 factors at the largest ranks that fit a byte budget (`--bytes-ratio`).
 int4 bytes count the codes packed two per byte, plus torchao's scale and zero point per group; torchao's CPU
 layout holds the codes one per byte in memory, which the `memory` column shows. No GPTQ / AWQ: their packages
-target CUDA, and torchao's prototype AWQ / GPTQ were not tried. `--methods` takes any factorisation `swiftsvd allocate --method` knows, so a
-new one (the compensated variant) joins the table without changes here.
+target CUDA, and torchao's prototype AWQ / GPTQ were not tried. `--methods` takes any factorisation
+`swiftsvd allocate --method` knows, so a new one (the compensated variant) joins the table unchanged.
 """
 
 from __future__ import annotations
