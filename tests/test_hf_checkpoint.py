@@ -13,18 +13,22 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from swiftsvd_cli.artifacts.compressed import SECTION
+from swiftsvd_cli.artifacts.plan import RankPlan
+from swiftsvd_cli.config import FactorDType
 from swiftsvd_cli.model.architectures import ARCHITECTURES, FACTORED_PREFIX
 from swiftsvd_cli.model.checkpoint import load_compressed
 from swiftsvd_cli.model.hf import SHIPPED, SOURCE
 from swiftsvd_cli.model.hf.configuration_swiftsvd import CONFIGS
 from swiftsvd_cli.model.hf.lowrank import LowRankLinear
 from swiftsvd_cli.model.hf.modeling_swiftsvd import MODELS
+from swiftsvd_cli.model.hf.qlinear import Int8Linear
 from swiftsvd_cli.model.loading import ModelSource
 from swiftsvd_cli.stages.compress import CompressOptions, run_compress
 from tests.conftest import calibrated_plan, save_tiny_model
@@ -49,6 +53,19 @@ for directory in sys.argv[2:]:
     print(json.dumps({"dir": directory, "refused": refused, "class": type(model).__name__, "factored": factored,
                       "generated": generated.shape[1], "generated_ids": generated[0].tolist(), "tokens": words}))
 print(json.dumps({"swiftsvd_imported": any(name.startswith("swiftsvd") for name in sys.modules)}))
+"""
+PLAIN_INT8 = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+ids, directory, found = torch.tensor(json.loads(sys.argv[1])), sys.argv[2], {}
+for name in ("float32", "bfloat16"):
+    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=getattr(torch, name))
+    with torch.no_grad():
+        torch.save(model(ids).logits, f"{directory}/plain_{name}.pt")
+    int8 = [m for m in model.modules() if type(m).__name__ == "Int8Linear"]
+    found[name] = {"int8": len(int8), "stored": sorted({f"{m.qweight.dtype} {m.scale.dtype}" for m in int8})}
+found["swiftsvd_imported"] = any(name.startswith("swiftsvd") for name in sys.modules)
+print(json.dumps(found))
 """
 
 
@@ -170,3 +187,46 @@ def test_directory_layout(compressed_dirs: dict[str, Path]) -> None:
     assert config[SECTION]["kind"] == "compressed" and config[SECTION]["ranks"]
     for name in SHIPPED:
         assert (directory / name).read_bytes() == (SOURCE / name).read_bytes()
+
+
+def test_plain_transformers_loads_int8_factors_as_load_compressed_does(
+    tiny_tokenizer,  # noqa: ANN001
+    tiny_text_file: Path,
+    tmp_path: Path,
+) -> None:
+    """int8 factors (qwen2: A carries the q/k/v bias) plus int8 dense linears, in float32 and bfloat16."""
+    pytest.importorskip("torchao")  # compression computes the codes with torchao; loading needs torch only
+    model_dir = save_tiny_model("qwen2", tmp_path / "model", tiny_tokenizer)
+    plan_path = calibrated_plan(model_dir, tiny_text_file, tmp_path / "work", samples=4, seqlen=32, ratio=0.5)
+    plan = RankPlan.load(plan_path)
+    modules = [replace(p, rank=min(p.m, p.n), dense=True) if p.layer == 1 else p for p in plan.modules]
+    replace(plan, modules=modules).save(plan_path)  # layer 1 stays dense: int8 covers dense target linears too
+    directory = tmp_path / "int8"
+    source = ModelSource(str(model_dir), "float32", "cpu")
+    run_compress(CompressOptions(source, out=directory, plan=plan_path, factor_dtype=FactorDType.INT8))
+    section = json.loads((directory / "config.json").read_text())[SECTION]
+    assert section["factor_dtype"] == "int8" and len(section["int8_dense"]) == 7 and len(section["ranks"]) == 7
+
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)  # plain transformers: swiftsvd is not importable from the worktree
+    done = subprocess.run(
+        [sys.executable, "-c", PLAIN_INT8, json.dumps(IDS.tolist()), str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.splitlines()[-1])
+    assert found.pop("swiftsvd_imported") is False
+    for dtype, plain in found.items():
+        model, _ = load_compressed(directory, dtype=dtype)
+        int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
+        assert plain == {"int8": 2 * 7 + 7, "stored": ["torch.int8 torch.float32"]}, dtype  # codes + float32 scales
+        assert len(int8) == plain["int8"]
+        with torch.no_grad():
+            ours = model(IDS).logits
+        theirs = torch.load(directory / f"plain_{dtype}.pt")
+        assert ours.dtype == getattr(torch, dtype) and torch.equal(theirs, ours), (dtype, (theirs - ours).abs().max())
