@@ -3,24 +3,28 @@
     python scripts/bench_bytes.py --work /tmp/bytes-work            # demo model + text, writes benchmarks/bytes/
     python scripts/bench_bytes.py --quick --model DIR --data corpus.txt --out /tmp/bytes   # CI smoke run
 
-Every row is a model evaluated on the same held-out windows, and its target linears' bytes as a checkpoint
-stores them (embeddings and the LM head are the same in every row and left out):
+Every row is a checkpoint measured by `evaluate` on the same held-out windows, and its target linears' bytes
+as a checkpoint stores them (embeddings and the LM head are the same in every row and left out):
 - the original (16-bit: what a bf16 checkpoint stores; evaluated in float32),
-- round-to-nearest weight-only quantisation of the original through torchao: int8 per row
-  (`Int8WeightOnlyConfig`) and int4 per group (`IntxWeightOnlyConfig(int4, PerGroup(g))`, symmetric),
-- Swift-SVD (uniform and dynamic plans at kept ratios ρ) with 16-bit factors, int8 factors (swiftsvd's own
-  `--factor-dtype int8` modules) and int4 factors (the same torchao int4 config on A and B),
+- round-to-nearest weight-only quantisation of the original: int8 per row is `compress --ratio 1.0
+  --factor-dtype int8` (torchao's `Int8WeightOnlyConfig` codes, bit for bit: tests/test_quantized.py), int4 per
+  group is torchao's `IntxWeightOnlyConfig(int4, PerGroup(g))`, symmetric,
+- Swift-SVD (uniform and dynamic plans at kept ratios ρ) with 16-bit factors, int8 factors (`compress
+  --factor-dtype int8`) and int4 factors (the same torchao int4 config on A and B, rank padded to whole groups),
 - int8 factors at the largest ranks that fit a byte budget (`--bytes-ratio`).
-int4 bytes count the codes packed two per byte, plus torchao's scale and zero point per group; torchao's CPU
-layout holds the codes one per byte in memory, which the `memory` column shows. No GPTQ / AWQ: their packages
-target CUDA, and torchao's prototype AWQ / GPTQ were not tried. `--methods` takes any factorisation
-`swiftsvd allocate --method` knows, so a new one (the compensated variant) joins the table unchanged.
+int4 weights are written dequantised: torchao's CPU int4 linear multiplies by exactly that dequantised weight.
+Bytes of 16-bit and int8 rows come from the plan (`core.allocation.weight_bytes`, which tests/test_quantized.py
+checks against the safetensors file); int4 bytes count torchao's codes packed two per byte plus its scale and
+zero point per group. The memory column is what `eval` measures in memory (float32 for 16-bit rows), for int4
+rows torchao's CPU layout (one byte per code). No GPTQ / AWQ: their packages target CUDA, and torchao's prototype
+AWQ / GPTQ were not tried. `--methods` takes any `Method`, so a new one (the compensated variant) joins the
+table without changes here. Uses only swiftsvd's public surface (tests/test_layout.py checks it).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -32,28 +36,36 @@ from benchmark import machine_info
 from rich.console import Console
 from torch import nn
 
-from swiftsvd_cli.artifacts.manifest import load_complete_manifest
+from swiftsvd_cli import (
+    AllocateOptions,
+    AllocationResult,
+    CalibrateOptions,
+    CompressOptions,
+    DType,
+    EvalOptions,
+    FactorDType,
+    Method,
+    ModelSource,
+    Strategy,
+    allocate,
+    calibrate,
+    compress,
+    evaluate,
+    figures,
+    load_compressed,
+    load_model,
+)
+from swiftsvd_cli.artifacts.plan import RankPlan
 from swiftsvd_cli.artifacts.store import atomic_write_json, atomic_write_text
-from swiftsvd_cli.core.allocation import reference_bytes
-from swiftsvd_cli.data.text import load_text, tokenize
-from swiftsvd_cli.config import Method
-from swiftsvd_cli.engine.eigen import load_eigen_index, load_matching_model
-from swiftsvd_cli.engine.factors import FactorSource, apply_factors
-from swiftsvd_cli.figures import pyplot, save_figure
-from swiftsvd_cli.log import setup_logging
-from swiftsvd_cli.metrics.perplexity import perplexity
-from swiftsvd_cli.metrics.speed import tensor_bytes
-from swiftsvd_cli.model.architectures import ArchSpec, arch_for, decoder_layers
-from swiftsvd_cli.model.loading import ModelSource
-from swiftsvd_cli.model.hf.lowrank import LowRankLinear
-from swiftsvd_cli.model.quantize import import_torchao
-from swiftsvd_cli.stages.allocate import AllocateOptions, run_allocate
-from swiftsvd_cli.stages.calibrate import CalibrateOptions, run_calibrate
+from swiftsvd_cli.core.allocation import reference_bytes, weight_bytes
+from swiftsvd_cli.model.architectures import arch_for, decoder_layers
 
 console = Console()
 ROOT = Path(__file__).resolve().parents[1]
-STRATEGIES = ("uniform", "dynamic")
+STRATEGIES = (Strategy.UNIFORM, Strategy.DYNAMIC)
 MIB = 2**20
+Maker = Callable[[Path], tuple[str, int, int | None]]
+"""Writes a row's checkpoint into a scratch directory: (model to evaluate, stored bytes, in-memory bytes or None)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,117 +95,93 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def target_modules(model: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
-    """Every target linear (or what replaced it) by its full name."""
-    return {
-        f"{spec.layers}.{index}.{name}": layer.get_submodule(name)
-        for index, layer in enumerate(decoder_layers(model, spec))
-        for name in spec.modules
-    }
-
-
-def int4_group(model: nn.Module, spec: ArchSpec) -> int:
+def int4_group(shapes: dict[str, tuple[int, int]]) -> int:
     """The largest of 128, 64, 32, 16 dividing every target linear's input width (torchao needs whole groups)."""
-    widths = {m.in_features for m in target_modules(model, spec).values()}
-    return next(g for g in (128, 64, 32, 16) if all(w % g == 0 for w in widths))
+    return next(g for g in (128, 64, 32, 16) if all(n % g == 0 for _, n in shapes.values()))
 
 
-def _stored(tensor: torch.Tensor, parameter: bool) -> int:
-    """Bytes a checkpoint stores: float weights at 16 bits, int4 codes two per byte, everything else as is."""
-    if type(tensor).__name__ == "IntxUnpackedToInt8Tensor" and tensor.target_dtype == torch.int4:  # type: ignore[attr-defined]
-        inner = tensor_bytes(tensor.scale) + tensor_bytes(tensor.zero_point)  # type: ignore[attr-defined]
-        return (tensor.qdata.numel() + 1) // 2 + inner  # type: ignore[attr-defined]
-    if parameter and type(tensor) in (torch.Tensor, nn.Parameter) and tensor.is_floating_point():
-        return 2 * tensor.numel()
-    return tensor_bytes(tensor)
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
-def target_sizes(model: nn.Module, spec: ArchSpec) -> dict[str, int]:
-    """Stored and in-memory bytes of the target linears' weights (biases excluded: equal in every row)."""
-    stored = memory = 0
-    for module in target_modules(model, spec).values():
-        tensors = [(n, t, True) for n, t in module.named_parameters()] + [
-            (n, t, False) for n, t in module.named_buffers()
-        ]
-        for name, tensor, parameter in tensors:
-            if name.endswith("bias"):
-                continue
-            stored += _stored(tensor, parameter)
-            memory += tensor_bytes(tensor)
-    return {"stored_bytes": stored, "memory_bytes": memory}
-
-
-def quantize_linears(model: nn.Module, names: set[str], config: Any) -> None:
-    from torchao.quantization import quantize_
-
-    quantize_(model, config, filter_fn=lambda _, fqn: fqn in names)
-
-
-def int4_config(group: int) -> Any:
-    from torchao.quantization import IntxWeightOnlyConfig
+def int4_rtn(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, int, int]:
+    """torchao's int4 round-to-nearest of `weight` (out, in): its dequantised weight, the bytes a checkpoint
+    stores (codes two per byte + scale and zero point per group) and the bytes of torchao's CPU layout."""
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
     from torchao.quantization.granularity import PerGroup
 
-    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group))
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=torch.float32)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    quantize_(linear, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group)))  # type: ignore[attr-defined]
+    quantized: Any = linear.weight
+    params = _nbytes(quantized.scale) + _nbytes(quantized.zero_point)
+    codes = quantized.qdata.numel()
+    return quantized.dequantize().to(weight.dtype), (codes + 1) // 2 + params, codes + params
 
 
-def int4_factors(model: nn.Module, spec: ArchSpec, group: int) -> None:
-    """torchao int4 on both factors; the rank is padded with zero rows / columns to whole groups of A's input."""
-    names: set[str] = set()
-    for name, module in target_modules(model, spec).items():
-        if not isinstance(module, LowRankLinear):
-            names.add(name)
-            continue
-        pad = -module.rank % group
-        with torch.no_grad():
-            module.B.weight = nn.Parameter(nn.functional.pad(module.B.weight, (0, 0, 0, pad)))
-            module.A.weight = nn.Parameter(nn.functional.pad(module.A.weight, (0, pad)))
-        module.B.out_features = module.A.in_features = module.rank + pad
-        names |= {f"{name}.A", f"{name}.B"}
-    quantize_linears(model, names, int4_config(group))
+def int4_factors(model: nn.Module, group: int) -> tuple[int, int]:
+    """int4 RTN on every target linear of a (factored) model, in place: both factors of a factored one (the rank
+    padded with zero rows of B / columns of A to whole groups of A's input), the weight of a dense one.
+    Returns (stored, in-memory) bytes of the quantised weights."""
+    spec = arch_for(model.config)
+    stored = memory = 0
+    for layer in decoder_layers(model, spec):
+        for name in spec.modules:
+            module: Any = layer.get_submodule(name)
+            parts: list[tuple[Any, tuple[int, ...]]]
+            if isinstance(module, nn.Linear):
+                parts = [(module, (0, 0))]
+            else:
+                pad = -module.rank % group
+                parts = [(module.B, (0, 0, 0, pad)), (module.A, (0, pad))]
+            for part, padding in parts:
+                weight = part.weight.detach()
+                dequantised, on_disk, in_memory = int4_rtn(nn.functional.pad(weight, padding), group)
+                with torch.no_grad():
+                    part.weight.copy_(dequantised[: weight.shape[0], : weight.shape[1]])
+                stored, memory = stored + on_disk, memory + in_memory
+    return stored, memory
 
 
-def original_rows(base: nn.Module, spec: ArchSpec, group: int, measure: Callable[..., None]) -> None:
-    """The original, and its int8 and int4 round-to-nearest quantisations through torchao."""
-    from torchao.quantization import Int8WeightOnlyConfig
-
-    measure(base, model="original", weights="16-bit")
-    names = set(target_modules(base, spec))
-    for weights, config in (("int8 RTN, per row", Int8WeightOnlyConfig()), (f"int4 RTN, g{group}", int4_config(group))):
-        model = copy.deepcopy(base)
-        quantize_linears(model, names, config)
-        measure(model, model="original", weights=weights)
+def int4_original(model: str, group: int, out: Path) -> tuple[str, int, int]:
+    """The original with torchao int4 RTN on every target linear, saved dequantised into `out`."""
+    loaded = load_model(model, dtype="float32", device="cpu")
+    stored, memory = int4_factors(loaded.model, group)
+    loaded.model.save_pretrained(out)
+    loaded.tokenizer.save_pretrained(out)
+    return str(out), stored, memory
 
 
-def plans(args: argparse.Namespace) -> dict[tuple[str, str], Any]:
-    """(target, strategy) -> rank plan: kept ratios, and int8 byte budgets."""
-    found: dict[tuple[str, str], Any] = {}
+def plan_bytes(plan: RankPlan, factor_dtype: str | None) -> int:
+    """Stored bytes of the target linears' weights under `plan` (16-bit values, or int8 codes + row scales)."""
+    return sum(weight_bytes(p.m, p.n, p.rank, factor_dtype) for p in plan.modules)
+
+
+def plans(args: argparse.Namespace) -> dict[tuple[str, str], AllocationResult]:
+    """(target, strategy) -> rank plan and its path: kept ratios, and int8 byte budgets."""
+    found: dict[tuple[str, str], AllocationResult] = {}
     for strategy in STRATEGIES:
-        common = dict(work=args.work, strategy=strategy, device="cpu", force=True, val_samples=4)
+        common: dict[str, Any] = dict(work=args.work, strategy=strategy, device="cpu", force=True, val_samples=4)
         for ratio in args.ratios:
-            found[(f"ρ {ratio}", strategy)] = run_allocate(AllocateOptions(ratio=ratio, **common)).plan  # type: ignore[arg-type]
+            found[(f"ρ {ratio}", str(strategy))] = allocate(AllocateOptions(ratio=ratio, **common))
         for budget in args.bytes_ratios:
-            options = AllocateOptions(bytes_ratio=budget, factor_dtype="int8", **common)  # type: ignore[arg-type]
-            found[(f"{budget:.0%} of 16-bit bytes", strategy)] = run_allocate(options).plan
+            options = AllocateOptions(bytes_ratio=budget, factor_dtype=FactorDType.INT8, **common)
+            found[(f"{budget:.0%} of 16-bit bytes", str(strategy))] = allocate(options)
     return found
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging()
-    import_torchao()
     args.out.mkdir(parents=True, exist_ok=True)
-    source = ModelSource(args.model, dtype="float32", device="cpu")
+    source = ModelSource(args.model, dtype=DType.FLOAT32, device="cpu")
     calibration = CalibrateOptions(
         source=source, work=args.work, data=args.data, samples=args.samples, seqlen=args.seqlen
     )
-    manifest = run_calibrate(calibration).manifest
-    loaded = load_matching_model(manifest, args.model, "cpu")
-    base, spec = loaded.model, arch_for(loaded.model.config)
-    text = load_text(args.data, "test")
-    ids = tokenize(loaded.tokenizer, text.text)
-    group = int4_group(base, spec)
-    shapes = [(m.out_features, m.in_features) for m in target_modules(base, spec).values()]
-    reference = reference_bytes(shapes)
+    manifest = calibrate(calibration).manifest
+    group = int4_group(manifest.shapes)
+    reference = reference_bytes(list(manifest.shapes.values()) * manifest.model.num_layers)
+    scratch = args.work.parent / "bytes-checkpoints"
     rows: list[dict[str, Any]] = []
     result: dict[str, Any] = {
         "kind": "swiftsvd-bytes-benchmark",
@@ -203,44 +191,82 @@ def main(argv: list[str] | None = None) -> int:
             "model_id": manifest.model.model_id,
             "fingerprint": manifest.model.fingerprint,
             "calibration": {"data": manifest.settings.data_id, "samples": args.samples, "seqlen": args.seqlen},
-            "eval": {"text": text.id, "windows": args.eval_windows, "seqlen": args.eval_seqlen},
+            "eval": {"text": args.data, "split": "test", "windows": args.eval_windows, "seqlen": args.eval_seqlen},
             "bytes": "target linears' weights as stored: 16-bit floats, int8 codes + float32 scales, int4 codes "
             "packed two per byte + torchao's scale and zero point per group; biases, embeddings, LM head excluded",
             "reference_16bit_bytes": reference,
             "int4_group": group,
-            "int4": "torchao IntxWeightOnlyConfig(int4, PerGroup(g)), symmetric; on factors the rank is padded to g",
-            "int8": "torchao Int8WeightOnlyConfig (original); swiftsvd Int8Linear, torchao's codes (factors)",
+            "int4": "torchao IntxWeightOnlyConfig(int4, PerGroup(g)), symmetric, written dequantised; on factors "
+            "the rank is padded to g",
+            "int8": "swiftsvd --factor-dtype int8 (torchao Int8WeightOnlyConfig's codes; original: --ratio 1.0)",
             "dynamic": "paper Algorithm 2, delta 0.5, alpha by the 11-point grid on 4 calibration-text windows",
+            "evaluated": "every row a checkpoint measured by swiftsvd's evaluate (float32, CPU)",
             "quick": args.quick,
         },
         "machine": machine_info(),
         "rows": rows,
     }
 
-    def measure(net: nn.Module, **info: Any) -> None:
+    def measure(make: Maker, **info: Any) -> None:
+        """Write a row's checkpoint with `make`, evaluate it (in-memory bytes: eval's unless `make` says)."""
         start = time.perf_counter()
-        ppl = perplexity(net, ids, seqlen=args.eval_seqlen, limit=args.eval_windows).ppl
-        sizes = target_sizes(net, spec)
-        row = {**info, **sizes, "bytes_ratio": sizes["stored_bytes"] / reference, "ppl": ppl}
+        out = scratch / f"row-{len(rows)}"
+        shutil.rmtree(out, ignore_errors=True)
+        model, stored, memory = make(out)
+        options = EvalOptions(
+            targets=(model,),
+            tasks=(args.data,),
+            seqlen=args.eval_seqlen,
+            limit=args.eval_windows,
+            dtype=DType.FLOAT32,
+            device="cpu",
+        )
+        target = evaluate(options).targets[0]
+        shutil.rmtree(out, ignore_errors=True)
+        ppl = float(target.perplexity[args.data]["ppl"])
+        memory = target.size["target_bytes"] if memory is None else memory
+        row = {**info, "stored_bytes": stored, "memory_bytes": memory, "bytes_ratio": stored / reference, "ppl": ppl}
         rows.append({**row, "seconds": time.perf_counter() - start})
         atomic_write_json(args.out / "partial.json", result)
-        console.print(f"  {_label(row):<58} {sizes['stored_bytes'] / MIB:8.2f} MiB  ppl {ppl:.4g}", soft_wrap=True)
+        console.print(f"  {_label(row):<58} {stored / MIB:8.2f} MiB  ppl {ppl:.4g}", soft_wrap=True)
 
-    original_rows(base, spec, group, measure)
+    def compressed(plan: AllocationResult, method: Method, factor_dtype: FactorDType | None) -> Maker:
+        def make(out: Path) -> tuple[str, int, None]:
+            compress(CompressOptions(source, out=out, plan=plan.path, method=method, factor_dtype=factor_dtype))
+            return str(out), plan_bytes(plan.plan, factor_dtype), None
+
+        return make
+
+    def int4_compressed(plan: AllocationResult, method: Method) -> Maker:
+        def make(out: Path) -> tuple[str, int, int]:
+            compressed(plan, method, None)(out)
+            model, tokenizer = load_compressed(out)
+            stored, memory = int4_factors(model, group)
+            shutil.rmtree(out)
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            return str(out), stored, memory
+
+        return make
+
+    full = AllocateOptions(args.work, 1.0, Strategy.UNIFORM, name="original", device="cpu", force=True)
+    unfactored = allocate(full)  # every linear dense: with int8, the int8 original
+    measure(lambda out: (args.model, reference, None), model="original", weights="16-bit")
+    measure(compressed(unfactored, Method.SWIFT, FactorDType.INT8), model="original", weights="int8 RTN, per row")
+    measure(lambda out: int4_original(args.model, group, out), model="original", weights=f"int4 RTN, g{group}")
     allocated = plans(args)
-    manifest = load_complete_manifest(args.work)  # now with the eigenbases the plans computed
     for method in args.methods:
-        factors = FactorSource(method, args.work, manifest, load_eigen_index(args.work, manifest), spec, "cpu")
         for (target, strategy), plan in allocated.items():
-            budget = plan.bytes_ratio is not None
+            info = {"model": f"{method} {strategy}", "target": target, "ratio": plan.plan.target_ratio}
+            info |= {"achieved_ratio": plan.plan.achieved_ratio, "alpha": plan.plan.alpha}
+            budget = plan.plan.bytes_ratio is not None
             for weights in ("int8",) if budget else ("16-bit", "int8", "int4"):
-                model = copy.deepcopy(base)
-                apply_factors(model, spec, plan.rank_map(), factors, factor_dtype="int8" if weights == "int8" else None)
                 if weights == "int4":
-                    int4_factors(model, spec, group)
-                info = {"model": f"{method} {strategy}", "target": target, "weights": f"{weights} factors"}
-                measure(model, **info, ratio=plan.target_ratio, achieved_ratio=plan.achieved_ratio, alpha=plan.alpha)
-                del model
+                    make = int4_compressed(plan, method)
+                else:
+                    make = compressed(plan, method, FactorDType.INT8 if weights == "int8" else None)
+                measure(make, **info, weights=f"{weights} factors")
+    shutil.rmtree(scratch, ignore_errors=True)
     result["figures"] = [plot(rows, args.out / "bytes.png").name]
     atomic_write_json(args.out / "bytes.json", result)
     atomic_write_text(args.out / "README.md", markdown(result))
@@ -282,7 +308,7 @@ def markdown(result: dict[str, Any]) -> str:
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     """Perplexity (log) vs stored MiB: quantised originals as points, Swift-SVD as one line per strategy and
     factor dtype over ρ, byte-budget plans as stars."""
-    plt = pyplot()
+    plt = figures.pyplot()
     fig, ax = plt.subplots(figsize=(8.5, 4.8), layout="constrained")
     colours = {"16-bit": "C0", "int8": "C1", "int4": "C2"}
     lines: dict[str, list[tuple[float, float]]] = {}
@@ -309,7 +335,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel("perplexity (log)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title("Perplexity vs bytes: quantisation, low rank, and both")
-    return save_figure(fig, path)
+    return figures.save_figure(fig, path)
 
 
 if __name__ == "__main__":
