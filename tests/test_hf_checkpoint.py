@@ -15,6 +15,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -117,11 +118,12 @@ def compressed_dirs(tiny_tokenizer, tiny_text_file: Path, tmp_path_factory: pyte
     return dirs
 
 
-def test_plain_transformers_loads_what_load_compressed_loads(compressed_dirs: dict[str, Path], tmp_path: Path) -> None:
+def run_plain(script: str, directories: list[str], tmp_path: Path) -> list[dict[str, Any]]:
+    """Run `script` on IDS and `directories` in a fresh Python that cannot import swiftsvd: its JSON lines."""
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)  # plain transformers: swiftsvd is not importable from the worktree
     done = subprocess.run(
-        [sys.executable, "-c", PLAIN, json.dumps(IDS.tolist()), *map(str, compressed_dirs.values())],
+        [sys.executable, "-c", script, json.dumps(IDS.tolist()), *directories],
         capture_output=True,
         text=True,
         timeout=600,
@@ -130,7 +132,11 @@ def test_plain_transformers_loads_what_load_compressed_loads(compressed_dirs: di
         stdin=subprocess.DEVNULL,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def test_plain_transformers_loads_what_load_compressed_loads(compressed_dirs: dict[str, Path], tmp_path: Path) -> None:
+    lines = run_plain(PLAIN, [str(directory) for directory in compressed_dirs.values()], tmp_path)
     assert lines[-1] == {"swiftsvd_imported": False}
     for result, (family, directory) in zip(lines[:-1], compressed_dirs.items(), strict=True):
         assert "custom code" in result["refused"], result  # refused without trust_remote_code, not garbage
@@ -207,19 +213,7 @@ def test_plain_transformers_loads_int8_factors_as_load_compressed_does(
     section = json.loads((directory / "config.json").read_text())[SECTION]
     assert section["factor_dtype"] == "int8" and len(section["int8_dense"]) == 7 and len(section["ranks"]) == 7
 
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    env.pop("PYTHONPATH", None)  # plain transformers: swiftsvd is not importable from the worktree
-    done = subprocess.run(
-        [sys.executable, "-c", PLAIN_INT8, json.dumps(IDS.tolist()), str(directory)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=tmp_path,
-        stdin=subprocess.DEVNULL,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = json.loads(done.stdout.splitlines()[-1])
+    found = run_plain(PLAIN_INT8, [str(directory)], tmp_path)[-1]
     assert found.pop("swiftsvd_imported") is False
     for dtype, plain in found.items():
         model, _ = load_compressed(directory, dtype=dtype)
