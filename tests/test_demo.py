@@ -48,10 +48,13 @@ def test_split_files_is_disjoint_and_fixed() -> None:
     names = [f"c{genre}{i:02d}" for genre in "abc" for i in range(1, 51)]  # 150 made-up names, unsorted below
     shuffled = names[::-1]
     evaluation = demo.split_files(shuffled, "evaluation")
+    validation = demo.split_files(shuffled, "validation")
     calibration = demo.split_files(shuffled, "calibration")
-    assert evaluation == sorted(names)[::25] == demo.split_files(names, "evaluation")
-    assert not set(evaluation) & set(calibration)
-    assert sorted(evaluation + calibration) == sorted(names)
+    assert evaluation == sorted(names)[::25] == demo.split_files(names, "evaluation")  # unchanged since v1
+    assert validation == sorted(names)[12::25]
+    assert not set(evaluation) & set(calibration) and not set(validation) & set(calibration)
+    assert not set(evaluation) & set(validation)
+    assert sorted(evaluation + validation + calibration) == sorted(names)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -127,11 +130,13 @@ def test_brown_split_sizes(brown_cache: Path) -> None:
     texts = demo.read_brown(brown_cache / "data" / demo.BROWN_TARBALL)
     names = list(texts)
     evaluation = demo.split_files(names, "evaluation")
+    validation = demo.split_files(names, "validation")
     calibration = demo.split_files(names, "calibration")
-    assert (len(names), len(evaluation), len(calibration)) == (500, 20, 480)
+    assert (len(names), len(evaluation), len(validation), len(calibration)) == (500, 20, 20, 460)
     assert evaluation[:3] == ["ca01", "ca26", "cb07"]
-    assert not set(evaluation) & set(calibration)
+    assert len(set(evaluation) | set(validation) | set(calibration)) == 500  # three disjoint parts
     assert {name[1] for name in evaluation} == set("abcdefghjklnp")  # 13 of 15 genres: not m, r (6, 9 files)
+    assert {name[1] for name in validation} == set("abcefghjklnp")  # 12 of 15: not d, m, r
     assert "/" not in texts["ca01"] and "``" not in texts["ca01"]
     assert texts["ca01"].startswith("The Fulton County Grand Jury said Friday an investigation of Atlanta's")
 
@@ -139,13 +144,16 @@ def test_brown_split_sizes(brown_cache: Path) -> None:
 def test_demo_text_is_cached_and_deterministic(brown_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SWIFTSVD_CACHE", str(brown_cache))
     evaluation = demo.demo_text("evaluation")
+    validation = demo.demo_text("validation")
     calibration = demo.demo_text("calibration")
     start = time.perf_counter()
     assert demo.demo_text("evaluation") == evaluation  # second call reads the cached file
     assert time.perf_counter() - start < 1.0
     assert 30_000 < len(evaluation.split()) < 50_000 < 900_000 < len(calibration.split())
-    assert evaluation.count("\n\n") == 19 and calibration.count("\n\n") == 479
-    assert not set(evaluation.split("\n\n")) & set(calibration.split("\n\n"))
+    assert 30_000 < len(validation.split()) < 50_000
+    assert evaluation.count("\n\n") == validation.count("\n\n") == 19 and calibration.count("\n\n") == 459
+    parts = [set(text.split("\n\n")) for text in (evaluation, validation, calibration)]
+    assert not parts[0] & parts[1] and not parts[0] & parts[2] and not parts[1] & parts[2]
     assert not [p for p in (brown_cache / "data").iterdir() if p.name.startswith(".")]  # no temp files left
 
 

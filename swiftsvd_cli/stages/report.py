@@ -63,7 +63,7 @@ def summarise_types(
     out: list[TypeSummary] = []
     for module in spectrum_modules(spectra):
         m, n = shapes[module]
-        ner = [normalized_effective_rank(spectra[(i, module)]) for i in layers]
+        ner = [normalized_effective_rank(spectra[(i, module)], m) for i in layers]
         losses = {
             ratio: sum(relative_loss_at(spectra[(i, module)], m, n, ratio) for i in layers) / len(layers)
             for ratio in REPORT_RATIOS
@@ -94,7 +94,8 @@ def markdown_summary(
     lines = [
         f"# swiftsvd report: {manifest.model.model_id}",
         "",
-        f"Calibration: {settings.samples} x {settings.seqlen} tokens of `{settings.data}` (seed {settings.seed}), "
+        f"Calibration: {settings.samples} x {settings.seqlen} tokens of `{settings.data}` "
+        f"({settings.sampler} sampler, seed {settings.seed}), "
         f"{manifest.model.num_layers} layers, model fingerprint `{manifest.model.fingerprint[:12]}`.",
         "",
         "## Matrix types",
@@ -162,7 +163,7 @@ def run_report(options: ReportOptions) -> ReportResult:
     importance = manifest.importance()
     out = options.out
     figures = [
-        plot_ner_importance(spectra, importance, out / "ner_importance.png"),
+        plot_ner_importance(spectra, shapes, importance, out / "ner_importance.png"),
         plot_spectra(spectra, out / "spectra.png"),
     ]
     if plan is not None:
