@@ -107,6 +107,11 @@ def _caption(report: EvalReport) -> str:
     parts = [f"seqlen {ppl['seqlen']}", f"device {report.protocol['device']}"]
     if report.zero_shot_skipped:
         parts.append("skipped: " + ", ".join(sorted(report.zero_shot_skipped)))
+    for target in report.targets:
+        for name, result in target.perplexity.items():
+            if result.get("tuned_on"):
+                roles = " + ".join(result["tuned_on"])
+                parts.append(f"NOT HELD OUT: {Path(target.target).name} was tuned on {name} ({roles})")
     return "; ".join(parts)
 
 

@@ -80,6 +80,7 @@ def section() -> CompressedSection:
         allocation={"ratio": 0.5, "strategy": "uniform"},
         calibration={"data": "demo", "samples": 8},
         provenance=provenance(),
+        validation={"data_id": "demo:validation", "text_sha256": "0" * 64},
     )
 
 

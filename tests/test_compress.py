@@ -133,12 +133,53 @@ def test_predicted_loss_matches_measured(work: Path, trained_llama_dir: Path, tm
         assert measured == pytest.approx(module.predicted_loss, rel=1e-4, abs=1e-6), path
 
 
-def test_dynamic_search_records_candidates(work: Path) -> None:
+def test_dynamic_search_records_candidates(work: Path, tiny_text_file: Path) -> None:
     plan = RankPlan.load(plan_for(work, 0.6, "dynamic", val_samples=2))
     assert [c["alpha"] for c in plan.candidates] == [round(0.1 * i, 1) for i in range(11)]
     best = min(plan.candidates, key=lambda c: (c["val_ppl"], c["alpha"]))
     assert plan.alpha == best["alpha"]
     assert plan.achieved_ratio <= 0.6
+    # a local calibration file has no validation split: alpha is scored on that file, and the plan says so
+    validation = plan.validation
+    assert (
+        validation["text_sha256"] == store.sha256_file(tiny_text_file) and not validation["held_out_from_calibration"]
+    )
+    assert (validation["split"], validation["windows"], validation["seqlen"]) == ("validation", 2, SEQLEN)
+    assert validation["tokens"] == 2 * SEQLEN
+
+
+@pytest.fixture(scope="module")
+def held_out_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.conftest import TINY_TEXT
+
+    path = tmp_path_factory.mktemp("held-out") / "validation.txt"
+    path.write_text(" ".join(reversed(TINY_TEXT.split(". "))))
+    return path
+
+
+def test_eval_flags_text_the_checkpoint_was_tuned_on(
+    work: Path, trained_llama_dir: Path, tiny_text_file: Path, held_out_text: Path, tmp_path: Path
+) -> None:
+    from swiftsvd_cli.stages.evaluate import EvalOptions, evaluate
+    from swiftsvd_cli.tables import render_table
+
+    plan_path = plan_for(work, 0.6, "dynamic", val_data=str(held_out_text), val_samples=2, name="held-out")
+    plan = RankPlan.load(plan_path)
+    assert plan.validation["held_out_from_calibration"] and plan.validation["data"] == str(held_out_text)
+    factored = compress_to(trained_llama_dir, plan_path, tmp_path / "factored")
+    merged = compress_to(trained_llama_dir, plan_path, tmp_path / "merged", merge=True)
+    other = tmp_path / "other.txt"
+    other.write_text(held_out_text.read_text() + " And one more sentence.")
+    texts = ",".join(str(path) for path in (tiny_text_file, held_out_text, other))
+    targets = (str(trained_llama_dir), str(factored), str(merged))
+    report = evaluate(EvalOptions(targets=targets, tasks=(texts,), seqlen=SEQLEN, limit=1, device="cpu"))
+    original, *compressed = report.targets
+    assert not any("tuned_on" in result for result in original.perplexity.values())
+    for target in compressed:
+        assert target.perplexity[str(tiny_text_file)]["tuned_on"] == ["calibration"]
+        assert target.perplexity[str(held_out_text)]["tuned_on"] == ["validation"]
+        assert "tuned_on" not in target.perplexity[str(other)]  # not byte-identical: not flagged
+    assert "NOT HELD OUT: factored was tuned on" in str(render_table(report).caption)
 
 
 def test_alpha_search_hashes_each_shard_once(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:

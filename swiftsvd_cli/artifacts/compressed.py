@@ -39,13 +39,18 @@ def _from_version_1(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _from_version_2(data: dict[str, Any]) -> dict[str, Any]:
+    """Format 2 had no validation record: eval can then flag only its calibration text."""
+    return data | {"format_version": 3, "validation": {}}
+
+
 @dataclass(frozen=True)
 class CompressedSection(Artifact):
     KIND: ClassVar[str] = "compressed"
-    FORMAT_VERSION: ClassVar[int] = 2  # 2: own model_type + shipped modeling code; options and provenance
+    FORMAT_VERSION: ClassVar[int] = 3  # 2: own model_type, shipped code, options, provenance; 3: validation
     TITLE: ClassVar[str] = "compressed-model section"
     REMEDY: ClassVar[str] = "compress the model again with this swiftsvd (`swiftsvd compress`)"
-    UPGRADES: ClassVar[dict[int, Upgrade]] = {1: _from_version_1}
+    UPGRADES: ClassVar[dict[int, Upgrade]] = {1: _from_version_1, 2: _from_version_2}
 
     method: str
     merged: bool  # True: a plain dense checkpoint (W' = A B written back), no factored modules
@@ -61,6 +66,7 @@ class CompressedSection(Artifact):
     allocation: dict[str, Any]  # the resolved allocate options of the plan (ratio, strategy, delta, ...)
     calibration: dict[str, Any]  # the calibration settings of the plan's WORK (data, samples, seqlen, seed, ...)
     provenance: Provenance  # inputs: the plan and the base model
+    validation: dict[str, Any]  # the plan's α-search record (text id + SHA-256, windows); {} without a search
     factor_dtype: str | None = None  # "int8": every target linear stored as int8 codes + float32 row scales
     int8_dense: list[str] = field(default_factory=list)  # with int8: the target linears left dense (full names)
 

@@ -2,6 +2,9 @@
 
 The dynamic strategy scores each α of the paper's grid {0, 0.1, …, 1} by validation perplexity of the
 densely reconstructed model (W' = A B in place, cheap because the eigenbases are cached) and keeps the best.
+The validation text is the `validation` split of `--val-data` (default: of the calibration data), never the
+`test` split `eval` reports on; the plan records it (source, split, windows, tokens, SHA-256) so that `eval`
+can flag a perplexity text that α was chosen on.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from swiftsvd_cli.core.allocation import (
     weight_bytes,
 )
 from swiftsvd_cli.core.linalg import effective_rank, loss_at_rank, normalized_effective_rank, uniform_rank
-from swiftsvd_cli.data.text import load_text, tokenize
+from swiftsvd_cli.data.text import TextSource, load_text, tokenize
 from swiftsvd_cli.engine.eigen import load_matching_model, load_spectra
 from swiftsvd_cli.engine.factors import FactorSource, RankMap, reconstructed
 from swiftsvd_cli.errors import SwiftSVDError
@@ -64,7 +67,7 @@ class AllocateOptions:
     delta: float = DELTA
     method: Method = METHOD  # factorisation used to score the α candidates
     model: str | None = None  # defaults to the model recorded in WORK
-    val_data: str | None = None  # defaults to the calibration text
+    val_data: str | None = None  # validation split of this data; defaults to the calibration data
     val_samples: int = VAL_SAMPLES
     val_seqlen: int | None = None  # defaults to the calibration seqlen
     name: str | None = None
@@ -233,7 +236,7 @@ def module_plan(
         predicted_loss=loss,
         relative_loss=loss / total if total > 0 else 0.0,
         effective_rank=effective_rank(eigenvalues),
-        ner=normalized_effective_rank(eigenvalues),
+        ner=normalized_effective_rank(eigenvalues, m),
         importance=importance,
     )
 
@@ -249,9 +252,8 @@ def search_alpha(
     device: str,
 ) -> tuple[float, list[dict[str, float]], dict[str, object]]:
     """The paper's lightweight grid search: each α's plan scored by validation perplexity; best wins."""
-    data = options.val_data or manifest.settings.data
     seqlen = options.val_seqlen or manifest.settings.seqlen
-    source = load_text(data, "train" if options.val_data is None else "test")
+    source = validation_text(options.val_data, manifest)
     ids = tokenize(loaded.tokenizer, source.text)
     factors = FactorSource(options.method, options.work, manifest, eigen, spec, device)
     candidates: list[dict[str, float]] = []
@@ -266,11 +268,32 @@ def search_alpha(
             bar.advance(task)
     best = min(candidates, key=lambda c: (c["val_ppl"], c["alpha"]))
     validation = {
-        "data": data,
+        "data": options.val_data or manifest.settings.data,
+        "split": "validation",
         "data_id": source.id,
+        "text_sha256": source.sha256,
+        "protocol": source.protocol,
         "windows": result.windows,
         "seqlen": seqlen,
-        "note": "first non-overlapping windows of the text (calibration text by default)",
+        "tokens": result.windows * seqlen,
+        "held_out_from_calibration": source.sha256 != manifest.settings.data_sha256,
+        "note": "first non-overlapping windows of the validation text",
     }
     logger.info("alpha search: best alpha %.1f (val ppl %.3f)", best["alpha"], best["val_ppl"])
     return float(best["alpha"]), candidates, validation
+
+
+def validation_text(val_data: str | None, manifest: CalibrationManifest) -> TextSource:
+    """The `validation` split of `val_data`, or of the calibration data when it is None.
+
+    A local file has no splits: without --val-data, α is then scored on the calibration file itself
+    (held out from evaluation, not from calibration), which the log says and the plan records.
+    """
+    source = load_text(val_data or manifest.settings.data, "validation")
+    if source.sha256 == manifest.settings.data_sha256:
+        logger.warning(
+            "alpha is scored on the calibration text itself (%s has no validation split): "
+            "pass --val-data for held-out text",
+            manifest.settings.data,
+        )
+    return source

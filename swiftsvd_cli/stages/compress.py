@@ -118,6 +118,7 @@ def run_compress(options: CompressOptions) -> CompressResult:
         options=jsonable(options),
         allocation=plan.options,
         calibration=jsonable(manifest.settings),
+        validation=plan.validation,
         provenance=make_provenance(plan=sha256_file(options.plan), model=loaded.fingerprint),
         factor_dtype=None if factor_dtype is None else str(factor_dtype),
         int8_dense=[f"{spec.layers}.{p.layer}.{p.module}" for p in plan.modules if p.dense]

@@ -120,6 +120,28 @@ def _location(loaded: Any) -> Path | None:
     return None
 
 
+def _window_limit(limit: int | None, cap: int | None) -> int | None:
+    """`--limit` and a recipe's own window cap (GPTQ's C4 keeps 256 windows): the smaller one wins."""
+    if cap is None:
+        return limit
+    return cap if limit is None else min(limit, cap)
+
+
+def _tuned_on(loaded: Any) -> dict[str, dict[str, Any]]:
+    """The texts a swiftsvd checkpoint was tuned on, role -> {id, sha256}; empty for any other model.
+
+    Read from its compressed-model section (factored or merged), which carries the calibration settings and
+    the plan's validation record: the WORK that made it may be long gone.
+    """
+    section = loaded.compressed or {}
+    calibration, validation = section.get("calibration") or {}, section.get("validation") or {}
+    texts = {
+        "calibration": {"id": calibration.get("data_id"), "sha256": calibration.get("data_sha256")},
+        "validation": {"id": validation.get("data_id"), "sha256": validation.get("text_sha256")},
+    }
+    return {role: text for role, text in texts.items() if text["sha256"]}
+
+
 def _release_memory() -> None:
     """Return a freed model's memory before the next target loads (both may not fit at once).
 
@@ -171,18 +193,29 @@ def _measure(loaded: Any, options: EvalOptions, texts: dict[str, Any], prepared:
     for name, source in texts.items():
         ids = tokenize(loaded.tokenizer, source.text)
         total = ids.numel() // options.seqlen
+        limit = _window_limit(options.limit, source.windows)
         with progress() as bar:
-            task = bar.add_task(f"{spec}: {name}", total=min(options.limit or total, total))
+            task = bar.add_task(f"{spec}: {name}", total=min(limit or total, total))
             result = perplexity(
                 model,
                 ids,
                 seqlen=options.seqlen,
-                limit=options.limit,
+                limit=limit,
                 batch_size=options.batch_size,
                 on_windows=functools.partial(bar.advance, task),
             )
         perplexities[name] = {"dataset_id": source.id, "text_sha256": source.sha256, **asdict(result)}
         logger.info("%s: %s perplexity %.4f (%d windows)", spec, name, result.ppl, result.windows)
+        roles = [role for role, text in _tuned_on(loaded).items() if text["sha256"] == source.sha256]
+        if roles:
+            perplexities[name]["tuned_on"] = roles
+            logger.warning(
+                "%s was tuned on %s itself (%s text): its %s perplexity is not held-out",
+                spec,
+                name,
+                " and ".join(roles),
+                name,
+            )
     zero_shot = (
         run_zero_shot(model, loaded.tokenizer, prepared, batch_size=options.batch_size, limit=options.zeroshot_limit)
         if prepared.runnable
@@ -228,7 +261,7 @@ def evaluate(options: EvalOptions) -> EvalReport:
     targets = [_evaluate_target(spec, options, device, texts, prepared) for spec in options.targets]
     protocol: dict[str, Any] = {
         "perplexity": {
-            "datasets": {name: {"id": s.id, "sha256": s.sha256} for name, s in texts.items()},
+            "datasets": {name: {"id": s.id, "sha256": s.sha256, **s.protocol} for name, s in texts.items()},
             "seqlen": options.seqlen,
             "limit": options.limit,
             "windows": "non-overlapping, ragged tail dropped, seqlen-1 predictions each",
