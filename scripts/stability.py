@@ -20,10 +20,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from swiftsvd_cli.core.baselines import svd_llm_factors
+from swiftsvd_cli.core.baselines import RELEASED, SVDLLMPrecisions, svd_llm_factors
 from swiftsvd_cli.core.linalg import eigenbasis, factorize, uniform_rank
 
 FP32 = torch.float32
+ALL_FP32 = SVDLLMPrecisions(gram=FP32, cholesky=FP32, svd=FP32)
+"""The paper's Table 5 runs every step of SVD-LLM in FP32."""
 SETTINGS = ("gaussian", "ill-conditioned", "rank-deficient")
 ILL_CONDITION = 1e4
 """cond(X) of the ill-conditioned setting: cond(G) = 1e8 > 1/eps(float32) ≈ 1.7e7, where FP32 Cholesky breaks."""
@@ -54,7 +56,7 @@ class StabilityRow:
     svd_llm_gap: float | None  # SVD-LLM (Cholesky, inverse, SVD all in FP32) loss − minimum; None: it failed
     svd_llm_shifted: bool  # FP32 Cholesky failed, G was shifted as SVD-LLM does
     svd_llm_failed: bool  # Cholesky failed even after the shift (SVD-LLM's "not positive-definite" error)
-    svd_llm_mixed_gap: float | None  # SVD-LLM as their code runs it: Cholesky + inverse float64, SVD FP32
+    svd_llm_mixed_gap: float | None  # SVD-LLM as their code runs it: Gram FP32, Cholesky + inverse float64, SVD FP32
     paper_minimum: float | None
     paper_svd_llm_gap: float | None
 
@@ -108,14 +110,14 @@ def swift_fp32(W: Tensor, G: Tensor, k: int) -> Tensor:
     return A @ B
 
 
-def svd_llm_fp32(W: Tensor, G: Tensor, k: int, cholesky_precision: torch.dtype = FP32) -> tuple[Tensor | None, bool]:
-    """SVD-LLM's W' = A B with its SVD in FP32 and its Cholesky + inverse in `cholesky_precision`.
+def svd_llm_fp32(W: Tensor, G: Tensor, k: int, precisions: SVDLLMPrecisions = ALL_FP32) -> tuple[Tensor | None, bool]:
+    """SVD-LLM's W' = A B from the FP32 Gram, with its SVD in FP32 and its Cholesky + inverse as `precisions` say.
 
     Returns (None, True) when Cholesky fails even on the shifted G: in FP32 the shift −λ_min + 1e-6 is
     rounded away next to large eigenvalues, which is SVD-LLM's reported "not positive-definite" failure.
     """
     try:
-        result = svd_llm_factors(W, G, k, precision=FP32, cholesky_precision=cholesky_precision)
+        result = svd_llm_factors(W, G, k, precisions)
     except RuntimeError:  # torch.linalg.LinAlgError (a RuntimeError; the stubs do not export it)
         return None, True
     return result.A @ result.B, result.shifted
@@ -132,7 +134,7 @@ def stability_row(size: int, setting: str, ratio: float = 0.6, seed: int = 0) ->
     G = X @ X.T  # (d, d), formed in FP32 like everything else the methods see
     minimum = minimum_loss(W, X, k)
     svd_llm, shifted = svd_llm_fp32(W, G, k)
-    mixed, _ = svd_llm_fp32(W, G, k, cholesky_precision=torch.float64)
+    mixed, _ = svd_llm_fp32(W, G, k, RELEASED)
     paper = PAPER_TABLE5.get(size)
     return StabilityRow(
         setting=setting,

@@ -31,8 +31,9 @@ class Method(Choice):
 
     SWIFT = "swift"  # ours: top eigenvectors of W G Wᵀ, optimal
     SVD = "svd"  # truncated SVD of W, activation-unaware
-    ASVD = "asvd"  # SVD of W diag(mean |x|)^0.5
-    SVD_LLM = "svd-llm"  # SVD-LLM's Cholesky whitening
+    ASVD = "asvd"  # ASVD's scaling: SVD of W diag(mean |x|)^0.5, at the plan's ranks (not its rank search)
+    SVD_LLM = "svd-llm"  # SVD-LLM's Cholesky whitening at its released code's precisions
+    SVD_LLM_FP64 = "svd-llm-fp64"  # ours: the same whitening in float64 throughout
 
 
 class DType(Choice):

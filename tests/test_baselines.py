@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from swiftsvd_cli.core.baselines import asvd_factors, svd_factors, svd_llm_factors
+from swiftsvd_cli.core.baselines import FLOAT64, RELEASED, asvd_factors, svd_factors, svd_llm_factors
 from swiftsvd_cli.core.linalg import eigenbasis, factorize
 
 F64 = torch.float64
@@ -35,11 +35,11 @@ def swift_loss(W: Tensor, X: Tensor, k: int) -> float:
 
 
 @pytest.mark.parametrize("m,n", [(24, 40), (40, 24)])
-def test_svd_llm_matches_swift_svd_on_well_conditioned_gram(m: int, n: int) -> None:
+def test_svd_llm_fp64_matches_swift_svd_on_well_conditioned_gram(m: int, n: int) -> None:
     X = torch.randn(n, 400, generator=gen(0), dtype=F64)
     W = torch.randn(m, n, generator=gen(1), dtype=F64)
     for k in (2, 7, 11):
-        result = svd_llm_factors(W, X @ X.T, k)
+        result = svd_llm_factors(W, X @ X.T, k, FLOAT64)
         assert not result.shifted
         assert result.A.shape == (m, k) and result.B.shape == (k, n)
         ours = swift_loss(W, X, k)
@@ -51,19 +51,41 @@ def test_svd_llm_shifts_a_rank_deficient_gram() -> None:
     X = torch.randn(n, 10, generator=gen(2), dtype=F64)  # 10 tokens < 24 features
     X[3] = 0.0
     W = torch.randn(16, n, generator=gen(3), dtype=F64)
-    result = svd_llm_factors(W, X @ X.T, 6)
+    result = svd_llm_factors(W, X @ X.T, 6, FLOAT64)
     assert result.shifted
     assert bool(torch.isfinite(result.A).all()) and bool(torch.isfinite(result.B).all())
     assert output_loss(W, result.A @ result.B, X) >= swift_loss(W, X, 6) * (1 - 1e-9)
 
 
-def test_svd_llm_cholesky_precision_option() -> None:
-    X = torch.randn(24, 200, generator=gen(4), dtype=F64)
+def svd_llm_released_code(W: Tensor, G32: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """SVDLLM.py's profle_svdllm + whitening, transcribed line by line (no shift path: G is positive definite)."""
+    raw_scaling_diag_matrix = G32.double()
+    scaling_diag_matrix = torch.linalg.cholesky(raw_scaling_diag_matrix)
+    scaling_matrix_inv = torch.linalg.inv(scaling_diag_matrix)
+    scaling_diag_matrix = scaling_diag_matrix.float()
+    scaling_matrix_inv = scaling_matrix_inv.float()
+    W_scale = torch.matmul(W.float(), scaling_diag_matrix)
+    U, S, VT = torch.linalg.svd(W_scale, full_matrices=False)
+    truc_s, truc_u = S[:k], U[:, :k]
+    truc_v = torch.matmul(VT[:k, :], scaling_matrix_inv)
+    sqrtSigma = torch.sqrt(torch.diag(truc_s))
+    return torch.matmul(truc_u, sqrtSigma), torch.matmul(sqrtSigma, truc_v)
+
+
+def test_svd_llm_default_is_their_released_precisions() -> None:
+    X = anisotropic_inputs(24, 200, seed=4)
     W = torch.randn(16, 24, generator=gen(5), dtype=F64)
-    mixed = svd_llm_factors(W, X @ X.T, 5, precision=torch.float32, cholesky_precision=F64)
-    assert mixed.A.dtype == torch.float32 and mixed.B.dtype == torch.float32
-    ours = swift_loss(W, X, 5)
-    assert abs(output_loss(W, (mixed.A @ mixed.B).double(), X) - ours) < 1e-4 * ours
+    G = X @ X.T  # our float64 Gram; theirs is a float32 sum, emulated by rounding it to float32
+    released = svd_llm_factors(W, G, 5)
+    assert torch.equal(released.B, svd_llm_factors(W, G, 5, RELEASED).B)
+    A_ref, B_ref = svd_llm_released_code(W, G.float(), 5)
+    assert released.A.dtype == torch.float32 and released.B.dtype == torch.float32
+    torch.testing.assert_close(released.A @ released.B, A_ref @ B_ref, rtol=0, atol=0)
+    # float32 costs it accuracy that float64 whitening (and Swift-SVD) does not lose, on inputs spanning 3 decades
+    optimum = swift_loss(W, X, 5)
+    fp64 = svd_llm_factors(W, G, 5, FLOAT64)
+    assert abs(output_loss(W, fp64.A @ fp64.B, X) - optimum) < 1e-12 * optimum
+    assert output_loss(W, (released.A @ released.B).double(), X) - optimum > 1e-9 * optimum
 
 
 def test_asvd_equals_scaled_svd_folded_back() -> None:

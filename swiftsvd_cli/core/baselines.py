@@ -1,9 +1,11 @@
 """Reference factorisations at the same ranks as Swift-SVD, for comparison: plain SVD, ASVD and SVD-LLM.
 
-Each returns (A, B) with W' = A B, A (m, k), B (k, n), in `precision`; the caller casts. All three split the
-singular values as A = U_k √Σ_k, B = √Σ_k V_kᵀ (as ASVD and SVD-LLM do), which balances the two factors'
-ranges for half-precision storage; W' is the same for any split. These are baselines: their numerics are
-kept as their authors wrote them (Cholesky, shift, explicit inverse), not fixed.
+Each returns (A, B) with W' = A B, A (m, k), B (k, n), in its working precision; the caller casts.
+Ranks always come from the caller (a plan): a uniform plan gives SVD-LLM its own ranks ⌊m n ρ / (m + n)⌋;
+ASVD's sensitivity-based rank search is not reproduced (ASVD here = its scaling at the plan's ranks).
+All three split the singular values as A = U_k √Σ_k, B = √Σ_k V_kᵀ (as ASVD and SVD-LLM do), which balances
+the two factors' ranges for half-precision storage; W' is the same for any split. These are baselines: their
+numerics are kept as their authors wrote them (Cholesky, shift, explicit inverse, precisions), not fixed.
 """
 
 from __future__ import annotations
@@ -60,6 +62,24 @@ def asvd_factors(
 
 
 @dataclass(frozen=True)
+class SVDLLMPrecisions:
+    """Where SVD-LLM's three steps run: the stored Gram, Cholesky + shift + inverse, and the SVD + factors."""
+
+    gram: torch.dtype  # G is rounded to this before the Cholesky (their hooks accumulate it in float32)
+    cholesky: torch.dtype
+    svd: torch.dtype
+
+
+RELEASED = SVDLLMPrecisions(gram=torch.float32, cholesky=torch.float64, svd=torch.float32)
+"""SVD-LLM's released code (SVDLLM.py): hook Gram `inp.float()ᵀ inp` summed in float32, `.double()` Cholesky and
+`torch.linalg.inv`, then `.float()` for W L, its SVD and the factors. `--method svd-llm`."""
+
+FLOAT64 = SVDLLMPrecisions(gram=torch.float64, cholesky=torch.float64, svd=torch.float64)
+"""Ours, not theirs: the same algorithm in float64 throughout (`--method svd-llm-fp64`). On a well-conditioned
+Gram it equals Swift-SVD to rounding, since both are optimal."""
+
+
+@dataclass(frozen=True)
 class SVDLLMResult:
     """SVD-LLM's factors, and whether G had to be shifted for Cholesky to succeed (then it is not optimal)."""
 
@@ -68,23 +88,19 @@ class SVDLLMResult:
     shifted: bool
 
 
-def svd_llm_factors(
-    W: Tensor,
-    G: Tensor,
-    k: int,
-    precision: torch.dtype = SVD_PRECISION,
-    cholesky_precision: torch.dtype | None = None,
-) -> SVDLLMResult:
+def svd_llm_factors(W: Tensor, G: Tensor, k: int, precisions: SVDLLMPrecisions = RELEASED) -> SVDLLMResult:
     """SVD-LLM truncation-aware whitening (AIoT-MLSys-Lab/SVD-LLM): G = L Lᵀ, SVD of W L, B = √Σ_k V_kᵀ L⁻¹.
 
     If Cholesky fails, G is shifted by (−λ_min + 1e-6) I (eigvalsh) and Cholesky retried; if inverting L
-    fails, 1e-6 I is added to L, exactly as their code does. `cholesky_precision` (default: `precision`) is
-    where the Cholesky and inverse run: their code runs them in float64 and the SVD in float32, i.e.
-    precision=float32, cholesky_precision=float64; the paper's FP32 stability table runs all in float32.
+    fails, 1e-6 I is added to L, exactly as their code does. `precisions` says where each step runs
+    (default: their released code's). G arrives as our float64 sum and is rounded to `precisions.gram`:
+    that reproduces the precision their Gram is *stored* in, not the extra rounding of their float32
+    *accumulation* (each window's product and each running sum round again), so with `RELEASED` this is,
+    if anything, slightly more accurate than their code.
     """
     check_rank(W.shape[0], W.shape[1], k)
-    chol_dtype = precision if cholesky_precision is None else cholesky_precision
-    G_ = G.to(dtype=chol_dtype)  # (n, n)
+    chol_dtype = precisions.cholesky
+    G_ = G.to(dtype=precisions.gram).to(dtype=chol_dtype)  # (n, n)
     shifted = False
     L, info = torch.linalg.cholesky_ex(G_)
     if int(info) != 0:
@@ -96,7 +112,7 @@ def svd_llm_factors(
     if int(info) != 0:
         L = L + SVD_LLM_SHIFT * torch.eye(L.shape[0], dtype=chol_dtype, device=L.device)
         L_inv = torch.linalg.inv(L)
-    L, L_inv = L.to(dtype=precision), L_inv.to(dtype=precision)
-    U, sigma, Vh = torch.linalg.svd(W.to(dtype=precision) @ L, full_matrices=False)  # of W L, (m, n)
+    L, L_inv = L.to(dtype=precisions.svd), L_inv.to(dtype=precisions.svd)
+    U, sigma, Vh = torch.linalg.svd(W.to(dtype=precisions.svd) @ L, full_matrices=False)  # of W L, (m, n)
     A, B = _split_truncated(U, sigma, Vh[:k] @ L_inv, k)
     return SVDLLMResult(A=A, B=B, shifted=shifted)

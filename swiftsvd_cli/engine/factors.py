@@ -1,9 +1,14 @@
 """Factorisation methods, all fed by the same WORK: Swift-SVD (ours) and the baselines it is measured against.
 
 `swift`: A = U_k, B = U_kᵀ W from the cached eigenbasis (optimal for ‖WX − W'X‖).
-`svd`: truncated SVD of W (activation-unaware). `asvd`: SVD of W diag(mean|x|^0.5), folded back.
-`svd-llm`: SVD-LLM's Cholesky whitening (shifted when G is not positive definite), kept faithful.
-Ranks always come from a plan, so methods differ only in the factorisation.
+`svd`: truncated SVD of W (activation-unaware).
+`asvd`: ASVD's scaling, SVD of W diag(mean|x|^0.5) folded back, at the plan's ranks (not ASVD's own
+sensitivity-based rank search).
+`svd-llm`: SVD-LLM's Cholesky whitening as its released code runs it (Gram in float32, Cholesky + inverse
+in float64, SVD in float32; shifted when G is not positive definite).
+`svd-llm-fp64`: ours, not theirs: the same whitening in float64 throughout.
+Ranks always come from a plan, so methods differ only in the factorisation: a uniform plan gives SVD-LLM its
+paper's ranks ("SVD-LLM (W)"), a dynamic one gives every method Swift-SVD's Algorithm 2 ranks.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from swiftsvd_cli.artifacts.eigen import EigenIndex
 from swiftsvd_cli.artifacts.manifest import CalibrationManifest
 from swiftsvd_cli.config import Method, choice
 from swiftsvd_cli.core.allocation import is_dense
-from swiftsvd_cli.core.baselines import asvd_factors, svd_factors, svd_llm_factors
+from swiftsvd_cli.core.baselines import FLOAT64, RELEASED, SVDLLMPrecisions, asvd_factors, svd_factors, svd_llm_factors
 from swiftsvd_cli.core.linalg import factorize
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.model.architectures import ArchSpec, decoder_layers, target_linears
@@ -29,6 +34,10 @@ from swiftsvd_cli.model.hf.lowrank import LowRankLinear, replace_module
 from swiftsvd_cli.model.quantize import quantize_module
 
 logger = logging.getLogger("swiftsvd")
+INPUT_STATISTIC = {Method.ASVD: "abs_sum", Method.SVD_LLM: "gram", Method.SVD_LLM_FP64: "gram"}
+"""What each baseline reads from the covariance shards, per input group: ASVD the per-channel Σ|x| (with the
+token count), SVD-LLM the input Gram G itself. `swift` reads only the eigen shards, `svd` only the weights."""
+SVD_LLM_PRECISIONS: dict[Method, SVDLLMPrecisions] = {Method.SVD_LLM: RELEASED, Method.SVD_LLM_FP64: FLOAT64}
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 RankMap = dict[tuple[int, str], int]  # (layer index, module path in the layer) -> rank
 
@@ -58,8 +67,19 @@ class FactorSource:
         self._verified.add(shard.file)
         return tensors
 
+    def _statistic(self, stats: dict[str, torch.Tensor], index: int, name: str) -> torch.Tensor:
+        """The input statistic this baseline needs for module `name`, or an error saying what is missing."""
+        key = f"{self.spec.group_of(name)}.{INPUT_STATISTIC[self.method]}"
+        if key not in stats:
+            raise SwiftSVDError(
+                f"{self.work} has no '{key}' in layer {index}'s covariance shard, which method '{self.method}' "
+                "needs: recalibrate into a WORK that keeps the input statistics"
+            )
+        return stats[key].to(self.device)
+
     def __call__(self, index: int, linears: dict[str, nn.Linear], ranks: dict[str, int]) -> Factors:
-        """(A, B) in float64 for the modules of layer `index` listed in `ranks` (module path -> rank)."""
+        """(A, B) for the modules of layer `index` listed in `ranks` (module path -> rank), in the method's
+        working precision (float64; float32 for `svd-llm`, whose SVD runs in float32)."""
         if not ranks:
             return {}
         device = self.device
@@ -81,11 +101,11 @@ class FactorSource:
         tokens = float(stats["tokens"])
         factors: Factors = {}
         for name, W in weights.items():
-            group = self.spec.group_of(name)
+            statistic = self._statistic(stats, index, name)
             if self.method == Method.ASVD:
-                factors[name] = asvd_factors(W, stats[f"{group}.abs_sum"].to(device) / tokens, ranks[name])
+                factors[name] = asvd_factors(W, statistic / tokens, ranks[name])
             else:
-                result = svd_llm_factors(W, stats[f"{group}.gram"].to(device), ranks[name])
+                result = svd_llm_factors(W, statistic, ranks[name], SVD_LLM_PRECISIONS[self.method])
                 if result.shifted:
                     logger.info(
                         "svd-llm: layer %d %s: Gram not positive definite, shifted (as SVD-LLM does)", index, name
