@@ -90,14 +90,17 @@ def plot_spectra(spectra: Spectra, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def plot_ner_importance(spectra: Spectra, importance: Sequence[float], path: Path) -> Path:
-    """The paper's Fig. 3: NER per matrix type per layer beside layer importance, with their correlation."""
+def plot_ner_importance(
+    spectra: Spectra, shapes: Mapping[str, tuple[int, int]], importance: Sequence[float], path: Path
+) -> Path:
+    """The paper's Fig. 3: NER (erank / d_out) per matrix type per layer beside layer importance, with their
+    correlation; `shapes` maps each module to its (d_out, d_in)."""
     plt = pyplot()
     modules, layers = spectrum_modules(spectra), spectrum_layers(spectra)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
     beta = [importance[i] for i in layers]
     for module in modules:
-        ner = [normalized_effective_rank(spectra[(i, module)]) for i in layers]
+        ner = [normalized_effective_rank(spectra[(i, module)], shapes[module][0]) for i in layers]
         r = pearson(ner, beta)
         left.plot(layers, ner, marker=".", lw=1, label=matrix_kind(module))
         right.scatter(beta, ner, s=12, label=f"{matrix_kind(module)} (r = {r:+.2f})")

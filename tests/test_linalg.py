@@ -211,8 +211,24 @@ def test_predicted_loss_curve() -> None:
 
 def test_effective_rank_known_answers() -> None:
     assert effective_rank(torch.full((7,), 3.0, dtype=F64)) == pytest.approx(7.0, rel=1e-12)
-    assert normalized_effective_rank(torch.full((7,), 3.0, dtype=F64)) == pytest.approx(1.0, rel=1e-12)
+    assert normalized_effective_rank(torch.full((7,), 3.0, dtype=F64), 7) == pytest.approx(1.0, rel=1e-12)
     assert effective_rank(torch.tensor([5.0, 0.0, 0.0], dtype=F64)) == pytest.approx(1.0, rel=1e-12)
     assert effective_rank(torch.zeros(3, dtype=F64)) == 0.0
     # σ = √λ = (2, 1, 1): p = (1/2, 1/4, 1/4), H = 1.5 ln 2 (a σ² weighting would give a different value)
     assert effective_rank(torch.tensor([4.0, 1.0, 1.0], dtype=F64)) == pytest.approx(math.exp(1.5 * math.log(2)))
+
+
+def test_ner_divides_by_d_out_also_when_the_spectrum_is_shorter() -> None:
+    """NER = erank(σ(Y)) / d_out, σ(Y) all d_out singular values of Y = W X: measured from an SVD of Y itself."""
+    for m, n in ((6, 10), (12, 5)):  # m > n: the eigen shard holds n eigenvalues, Y has m singular values
+        W = torch.randn(m, n, generator=torch.Generator().manual_seed(m), dtype=F64)
+        X = torch.randn(n, 50, generator=torch.Generator().manual_seed(n), dtype=F64)
+        sigma = torch.linalg.svdvals(W @ X)  # (m,), zeros beyond rank n
+        p = sigma / sigma.sum()
+        p = p[p > 0]
+        expected = math.exp(float(-(p * p.log()).sum())) / m
+        basis = eigenbasis(W, X @ X.T)
+        assert basis.eigenvalues.numel() == min(m, n)
+        assert normalized_effective_rank(basis.eigenvalues, m) == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError):
+        normalized_effective_rank(torch.ones(4, dtype=F64), 3)

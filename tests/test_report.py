@@ -57,7 +57,7 @@ def test_plots_are_written(tmp_path: Path) -> None:
     spectra = synthetic_spectra()
     paths = [
         figures.plot_spectra(spectra, tmp_path / "spectra.png"),
-        figures.plot_ner_importance(spectra, [0.1, 0.2, 0.3, 0.4], tmp_path / "ner.png"),
+        figures.plot_ner_importance(spectra, SHAPES, [0.1, 0.2, 0.3, 0.4], tmp_path / "ner.png"),
         bench_plots.plot_perplexity({"swift uniform": {0.8: 10.0, 0.4: 100.0}}, 5.0, tmp_path / "ppl.png"),
         bench_plots.plot_timing(
             {"swift": {"eigen": 2.0, "ratio 0.8": 1.0}}, {"calibration": 9.0}, tmp_path / "time.png"

@@ -198,8 +198,12 @@ def effective_rank(eigenvalues: Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def normalized_effective_rank(eigenvalues: Tensor) -> float:
-    """Effective rank divided by the number of eigenvalues (the paper's NER), in [0, 1]."""
-    if eigenvalues.numel() == 0:
-        return 0.0
-    return effective_rank(eigenvalues) / eigenvalues.numel()
+def normalized_effective_rank(eigenvalues: Tensor, d_out: int) -> float:
+    """The paper's NER: effective rank / d_out, the number of singular values of the output Y = W X (m × N).
+
+    For m > n (gate/up) the stored spectrum has only n entries (rank(Y) ≤ n); the missing m − n singular
+    values are zero and add nothing to the effective rank, but they count in the denominator.
+    """
+    if d_out < eigenvalues.numel():
+        raise ValueError(f"d_out {d_out} is smaller than the {eigenvalues.numel()} eigenvalues given")
+    return effective_rank(eigenvalues) / d_out if d_out else 0.0
