@@ -16,7 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from swiftsvd_cli import __version__, config
-from swiftsvd_cli.config import DType, FactorDType, Method, Strategy
+from swiftsvd_cli.config import DType, FactorDType, Method, Sampler, Strategy
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.log import console, setup_logging
 from swiftsvd_cli.recipes import KEYS, coerce, load_recipe
@@ -60,6 +60,14 @@ RevisionOpt = Annotated[str | None, typer.Option(help="Hub revision (branch, tag
 RemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model's own Python code.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing artifact made with other settings.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the random calibration window positions.")]
+SamplerOpt = Annotated[
+    Sampler,
+    typer.Option(
+        help="tokens: seeded token windows at random positions of the tokenised text (ours). svd-llm: SVD-LLM's "
+        "get_calib_train_data draw for draw (Python random character offsets, each slice tokenised alone, so a "
+        "BOS per window where the tokenizer adds one)."
+    ),
+]
 BatchOpt = Annotated[int, typer.Option(help="Calibration windows per forward pass.")]
 RatioOpt = Annotated[
     float | None,
@@ -84,8 +92,23 @@ FactorDtypeOpt = Annotated[
 StrategyOpt = Annotated[Strategy, typer.Option(help="dynamic: paper Algorithm 2, alpha by validation perplexity.")]
 AlphaOpt = Annotated[float | None, typer.Option(help="Fix Algorithm 2's alpha in [0, 1] and skip the grid search.")]
 DeltaOpt = Annotated[float, typer.Option(help="Guaranteed share of the uniform rank per layer (paper: 0.5).")]
-ValSamplesOpt = Annotated[int, typer.Option(help="Validation windows per alpha candidate.")]
-MethodOpt = Annotated[Method, typer.Option(help="swift (ours, optimal); svd, asvd, svd-llm: baselines, same cache.")]
+ValSamplesOpt = Annotated[
+    int,
+    typer.Option(
+        help="Validation windows (of the calibration seqlen, evenly spaced over the validation text) per alpha "
+        "candidate; the default is 32,768 tokens at seqlen 2048."
+    ),
+]
+MethodOpt = Annotated[
+    Method,
+    typer.Option(
+        help="swift (ours, optimal) | svd (plain SVD of W) | asvd (ASVD's scaling at the plan's ranks, not its "
+        "sensitivity-based rank search) | svd-llm (SVD-LLM's whitening at its released code's precisions) | "
+        "svd-llm-fp64 (ours: the same whitening in float64). Every method gets the plan's ranks: with "
+        "--strategy dynamic that is Swift-SVD's Algorithm 2 plan (alpha scored with this method); "
+        "--strategy uniform gives SVD-LLM its paper's ranks, the 'SVD-LLM (W)' row."
+    ),
+]
 CONTEXT = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
 CONFIG = inspect.Parameter(
     "config",
@@ -186,6 +209,7 @@ def calibrate(
     samples: Annotated[int, typer.Option(help="Calibration windows (the field uses 256).")] = config.SAMPLES,
     seqlen: Annotated[int, typer.Option(help="Tokens per window (the field uses 2048).")] = config.SEQLEN,
     seed: SeedOpt = config.SEED,
+    sampler: SamplerOpt = config.SAMPLER,
     batch_size: BatchOpt = config.BATCH_SIZE,
     dtype: DtypeOpt = config.DTYPE,
     device: DeviceOpt = None,
@@ -206,6 +230,7 @@ def calibrate(
         samples=samples,
         seqlen=seqlen,
         seed=seed,
+        sampler=sampler,
         batch_size=batch_size,
         force=force,
     )
@@ -225,7 +250,12 @@ def allocate(
     method: MethodOpt = config.METHOD,
     model: Annotated[str | None, typer.Option(help="Model, if not where WORK says (e.g. moved directory).")] = None,
     val_data: Annotated[
-        str | None, typer.Option(help="Text scoring the alpha grid (default: the calibration text).")
+        str | None,
+        typer.Option(
+            help="Data whose validation split scores the alpha grid (never its test split, which eval reports): "
+            "wikitext2 | ptb | c4 | demo | PATH (a file is used whole). Default: the calibration data's "
+            "validation split; for a calibration file, that file itself."
+        ),
     ] = None,
     val_samples: ValSamplesOpt = config.VAL_SAMPLES,
     name: Annotated[
@@ -382,7 +412,8 @@ def eval_(
         typer.Option(
             "--tasks",
             "-t",
-            help="Comma list: perplexity data (wikitext2, ptb, c4, demo, PATH.txt/.jsonl) and/or lm-eval "
+            help="Comma list: perplexity data (wikitext2, ptb, c4 as SVD-LLM builds them; c4-gptq as GPTQ's "
+            "--new-eval; demo; PATH.txt/.jsonl) and/or lm-eval "
             "tasks (openbookqa, arc_easy, arc_challenge, winogrande, hellaswag, piqa, mathqa, ...).",
         ),
     ] = config.EVAL_TASKS,

@@ -36,6 +36,13 @@ class Method(Choice):
     SVD_LLM_FP64 = "svd-llm-fp64"  # ours: the same whitening in float64 throughout
 
 
+class Sampler(Choice):
+    """How calibration windows are drawn from the calibration text (swiftsvd_cli.data.text)."""
+
+    TOKENS = "tokens"  # ours: seeded token windows at random positions of the whole tokenised text
+    SVD_LLM = "svd-llm"  # SVD-LLM's get_calib_train_data: character offsets, each slice tokenised alone
+
+
 class DType(Choice):
     """The dtype a model computes in; `auto` is float32 on CPU and the checkpoint's dtype on an accelerator."""
 
@@ -65,6 +72,7 @@ SAMPLES, SEQLEN = 256, 2048
 BATCH_SIZE = 4
 """Calibration windows per forward pass (also the windows per forward pass of the alpha search)."""
 
+SAMPLER = Sampler.TOKENS
 STRATEGY = Strategy.DYNAMIC
 METHOD = Method.SWIFT
 DTYPE = DType.AUTO

@@ -26,11 +26,15 @@ def test_quick_benchmark_writes_results(tiny_llama_dir: Path, tiny_text_file: Pa
     assert result["kind"] == "swiftsvd-benchmark"
     assert result["protocol"]["fingerprint"] and result["machine"]["torch"]
     methods = {(row["method"], row["strategy"]) for row in result["perplexity"]}
-    for method in ("swift", "svd", "asvd", "svd-llm"):
+    for method in ("swift", "svd", "asvd", "svd-llm", "svd-llm-fp64"):
         assert {(method, "uniform"), (method, "dynamic")} <= methods
-    assert len(result["perplexity"]) == 1 + 3 * (2 * 4 + 1)  # original + ratios x (strategies x methods + released)
+    assert len(result["perplexity"]) == 1 + 3 * 2 * 5  # original + ratios x strategies x methods
+    assert (
+        result["protocol"]["headline"]["svd-llm"] == "uniform" and result["protocol"]["headline"]["swift"] == "dynamic"
+    )
     assert set(result["timing"]["factorisation"]["swift"]) >= {"per_ratio_s", "first_ratio_s", "next_ratio_s"}
     assert result["timing"]["forward_floor_s"] > 0 and result["stability"]
     for name in result["figures"]:
         assert (out / name).stat().st_size > 0
-    assert "## Perplexity" in (out / "README.md").read_text()
+    readme = (out / "README.md").read_text()
+    assert "each method with its own allocation" in readme and "SVD-LLM (released precisions) | uniform" in readme

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,34 @@ def test_verbose_shows_the_debug_log(tiny_llama_dir: Path, tiny_text_file: Path,
     loud = runner.invoke(app, [*arguments, "--out", str(tmp_path / "b"), "--verbose"], terminal_width=200)
     assert quiet.exit_code == loud.exit_code == 0, loud.output
     assert "layer 1: 32 tokens" not in quiet.output and "layer 1: 32 tokens" in loud.output
+
+
+def flat_help(*command: str) -> str:
+    """A command's --help as one line of words: rich's panel borders and line wrapping removed."""
+    output = runner.invoke(app, [*command, "-h"]).output
+    return " ".join(re.sub("[│╭╮╰╯─]", " ", output).split())
+
+
+def test_help_says_which_plan_a_baseline_gets_and_where_alpha_is_scored() -> None:
+    compress_help = flat_help("compress")
+    assert "svd-llm-fp64" in compress_help and "sensitivity-based rank search" in compress_help
+    assert "SVD-LLM (W)" in compress_help and "Algorithm 2 plan" in compress_help
+    allocate_help = flat_help("allocate")
+    assert "never its test split" in allocate_help
+    assert "SVD-LLM's get_calib_train_data" in flat_help("calibrate")
+
+
+def test_sampler_is_recorded_and_a_change_is_refused(
+    tiny_llama_dir: Path, tiny_text_file: Path, tmp_path: Path
+) -> None:
+    work = tmp_path / "work"
+    common = ["calibrate", str(tiny_llama_dir), "--out", str(work), "--data", str(tiny_text_file), "--device", "cpu"]
+    sizes = ["--samples", "4", "--seqlen", "16"]
+    done = runner.invoke(app, [*common, *sizes, "--sampler", "svd-llm"])
+    assert done.exit_code == 0, done.output
+    assert CalibrationManifest.load(work).settings.sampler == "svd-llm"
+    refused = runner.invoke(app, [*common, *sizes])  # default sampler: tokens
+    assert refused.exit_code == 1 and "sampler" in refused.output
+    bogus = runner.invoke(app, [*common, *sizes, "--sampler", "bogus", "--force"])
+    assert bogus.exit_code == 1 and "unknown sampler" in bogus.output
+    assert CalibrationManifest.load(work).settings.sampler == "svd-llm"  # nothing destroyed
