@@ -329,3 +329,19 @@ def test_compress_refuses_an_eigenbasis_of_another_gram(work: Path, trained_llam
     moved.save(tmp_path / "plan.json")
     with pytest.raises(SwiftSVDError, match="no eigenbasis of layer 0's current Gram"):
         compress_to(trained_llama_dir, tmp_path / "plan.json", tmp_path / "out")
+
+
+def test_baseline_names_the_input_statistic_it_lacks(
+    work: Path, trained_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A WORK without input Grams (e.g. one keeping only output Grams) fails SVD-LLM with a clear message."""
+    from swiftsvd_cli.engine.factors import FactorSource
+    from swiftsvd_cli.model.architectures import LLAMA, decoder_layers, target_linears
+
+    model = AutoModelForCausalLM.from_pretrained(trained_llama_dir, dtype=torch.float32)
+    linears = target_linears(decoder_layers(model, LLAMA)[0], LLAMA)
+    for method, key in (("svd-llm", "attn_in.gram"), ("asvd", "attn_in.abs_sum")):
+        source = FactorSource(method, work, CalibrationManifest.load(work), EigenIndex.load(work), LLAMA, "cpu")
+        monkeypatch.setattr(source, "_read", lambda shard: {"tokens": torch.tensor(4)})
+        with pytest.raises(SwiftSVDError, match=f"no '{key}'.*'{method}' needs"):
+            source(0, linears, {"self_attn.q_proj": 2})

@@ -108,7 +108,10 @@ class FactorSource:
                 result = svd_llm_factors(W, statistic, ranks[name], SVD_LLM_PRECISIONS[self.method])
                 if result.shifted:
                     logger.info(
-                        "svd-llm: layer %d %s: Gram not positive definite, shifted (as SVD-LLM does)", index, name
+                        "%s: layer %d %s: Gram not positive definite, shifted (as SVD-LLM does)",
+                        self.method,
+                        index,
+                        name,
                     )
                 factors[name] = (result.A, result.B)
         return factors
