@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from swiftsvd_cli.data import text as text_module
-from swiftsvd_cli.data.text import RECIPES, load_text, sample_windows, svd_llm_windows, tokenize
+from swiftsvd_cli.data.text import RECIPES, load_text, sample_windows, spread_windows, svd_llm_windows, tokenize
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.stages.evaluate import EvalOptions, evaluate
 
@@ -177,3 +177,12 @@ def test_token_sampler_is_seeded_windows_of_the_whole_text(bos_tokenizer: Any) -
     with pytest.raises(SwiftSVDError, match="sampler"):
         sample_windows("nope", bos_tokenizer, TINY_TEXT, 5, 16, 3)
     assert text_module.SAMPLERS == ("tokens", "svd-llm")
+
+
+def test_spread_windows_cover_the_text_evenly() -> None:
+    ids = torch.arange(100)  # 10 windows of 10 tokens; the ragged tail of 0 is dropped
+    picked = spread_windows(ids, 10, 4)
+    assert [int(w[0]) for w in picked] == [0, 30, 60, 90]  # first and last window, evenly between
+    assert torch.equal(spread_windows(ids, 10, 50), ids.view(10, 10))  # asking for more gives all of them
+    with pytest.raises(SwiftSVDError, match="at least one window"):
+        spread_windows(ids[:5], 10, 4)

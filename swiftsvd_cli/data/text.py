@@ -206,6 +206,19 @@ def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
     return ids.to(torch.long)
 
 
+def spread_windows(ids: torch.Tensor, seqlen: int, count: int) -> torch.Tensor:
+    """`count` of the text's non-overlapping `seqlen` windows, evenly spaced from the first to the last, (k, seqlen).
+
+    Scoring α on the first windows alone would read the first article or two (WikiText-2) or the first
+    genre (Brown); spacing them covers the whole validation text at the same cost.
+    """
+    total = ids.numel() // seqlen
+    if total == 0 or count < 1:
+        raise SwiftSVDError(f"the validation text has {ids.numel():,} tokens: need at least one window of {seqlen}")
+    windows = ids[: total * seqlen].view(total, seqlen)
+    return windows[torch.linspace(0, total - 1, min(count, total)).round().long()]
+
+
 def _check_window_request(samples: int, seqlen: int) -> None:
     if samples < 1 or seqlen < 2:
         raise SwiftSVDError(f"need --samples >= 1 and --seqlen >= 2 (got {samples}, {seqlen})")

@@ -46,7 +46,7 @@ from swiftsvd_cli.core.allocation import (
     weight_bytes,
 )
 from swiftsvd_cli.core.linalg import effective_rank, loss_at_rank, normalized_effective_rank, uniform_rank
-from swiftsvd_cli.data.text import TextSource, load_text, tokenize
+from swiftsvd_cli.data.text import TextSource, load_text, spread_windows, tokenize
 from swiftsvd_cli.engine.eigen import load_matching_model, load_spectra
 from swiftsvd_cli.engine.factors import FactorSource, RankMap, reconstructed
 from swiftsvd_cli.errors import SwiftSVDError
@@ -254,7 +254,7 @@ def search_alpha(
     """The paper's lightweight grid search: each α's plan scored by validation perplexity; best wins."""
     seqlen = options.val_seqlen or manifest.settings.seqlen
     source = validation_text(options.val_data, manifest)
-    ids = tokenize(loaded.tokenizer, source.text)
+    windows = spread_windows(tokenize(loaded.tokenizer, source.text), seqlen, options.val_samples)
     factors = FactorSource(options.method, options.work, manifest, eigen, spec, device)
     candidates: list[dict[str, float]] = []
     with progress() as bar:
@@ -262,7 +262,7 @@ def search_alpha(
         for alpha in ALPHA_GRID:
             ranks = plan_for(alpha)
             with reconstructed(loaded.model, spec, ranks, factors):
-                result = perplexity(loaded.model, ids, seqlen=seqlen, limit=options.val_samples, batch_size=BATCH_SIZE)
+                result = perplexity(loaded.model, windows.reshape(-1), seqlen=seqlen, batch_size=BATCH_SIZE)
             ratio = achieved_ratio((*shapes[module], k) for (_, module), k in ranks.items())
             candidates.append({"alpha": alpha, "val_ppl": result.ppl, "achieved_ratio": ratio})
             bar.advance(task)
@@ -277,7 +277,7 @@ def search_alpha(
         "seqlen": seqlen,
         "tokens": result.windows * seqlen,
         "held_out_from_calibration": source.sha256 != manifest.settings.data_sha256,
-        "note": "first non-overlapping windows of the validation text",
+        "note": "non-overlapping windows evenly spaced over the whole validation text",
     }
     logger.info("alpha search: best alpha %.1f (val ppl %.3f)", best["alpha"], best["val_ppl"])
     return float(best["alpha"]), candidates, validation
