@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from swiftsvd_cli.data import text as text_module
 from swiftsvd_cli.data.text import RECIPES, load_text, sample_windows, spread_windows, svd_llm_windows, tokenize
 from swiftsvd_cli.errors import SwiftSVDError
+from swiftsvd_cli.stages.allocate import validation_text
 from swiftsvd_cli.stages.evaluate import EvalOptions, evaluate
 
 DOCUMENTS = 3_000  # every stub split/shard holds this many rows
@@ -99,6 +101,11 @@ def test_validation_is_never_the_evaluation_text(hub: list[dict[str, Any]], name
     read = {(call["split"], str(call.get("data_files"))) for call in hub}
     assert len(read) == 2  # a different split, or for C4 a different validation shard
     assert validation.protocol["split"] == "validation"
+    # what allocate scores alpha on, with --val-data NAME and by default after calibrating on NAME
+    calibrated_on = SimpleNamespace(settings=SimpleNamespace(data=name, data_sha256=load_text(name, "train").sha256))
+    for val_data in (name, None):
+        scored = validation_text(val_data, calibrated_on)  # type: ignore[arg-type]
+        assert scored.sha256 == validation.sha256 != evaluation.sha256
 
 
 def test_c4_windows_are_capped_only_for_gptq(hub: list[dict[str, Any]], tiny_llama_dir: Path) -> None:
