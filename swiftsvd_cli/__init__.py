@@ -37,6 +37,7 @@ _API = {
     "ModelSource": ("swiftsvd_cli.model.loading", "ModelSource"),
     "DType": ("swiftsvd_cli.config", "DType"),
     "Method": ("swiftsvd_cli.config", "Method"),
+    "Sampler": ("swiftsvd_cli.config", "Sampler"),
     "Strategy": ("swiftsvd_cli.config", "Strategy"),
     "FactorDType": ("swiftsvd_cli.config", "FactorDType"),
     "SwiftSVDError": ("swiftsvd_cli.errors", "SwiftSVDError"),
@@ -62,13 +63,14 @@ __all__ = [
     "ModelSource",
     "DType",
     "Method",
+    "Sampler",
     "Strategy",
     "FactorDType",
     "SwiftSVDError",
 ]  # tests/test_api.py: the same names as _API
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` imports on first use
-    from swiftsvd_cli.config import DType, FactorDType, Method, Strategy
+    from swiftsvd_cli.config import DType, FactorDType, Method, Sampler, Strategy
     from swiftsvd_cli.errors import SwiftSVDError
     from swiftsvd_cli.model.checkpoint import load_compressed
     from swiftsvd_cli.model.loading import ModelSource, load_model

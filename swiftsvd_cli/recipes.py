@@ -32,6 +32,7 @@ KEYS = (
     "samples",
     "seqlen",  # calibration window, and eval's perplexity window
     "seed",
+    "sampler",  # calibration windows: tokens (ours) or svd-llm (SVD-LLM's sampler, draw for draw)
     "batch_size",  # windows per forward pass (calibration, and eval)
     "strategy",
     "alpha",

@@ -60,6 +60,7 @@ def test_paper_recipe_is_the_builtin_default() -> None:
         "samples": config.SAMPLES,
         "seqlen": config.SEQLEN,
         "seed": config.SEED,
+        "sampler": config.SAMPLER.value,
         "dtype": config.DTYPE.value,
         "strategy": config.STRATEGY.value,
         "delta": config.DELTA,

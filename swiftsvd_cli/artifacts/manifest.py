@@ -44,7 +44,7 @@ class CalibrationSettings:
     seqlen: int
     seed: int
     dtype: str
-    sampler: str = "tokens"  # how windows were drawn (data.text.SAMPLERS); older manifests: seeded token windows
+    sampler: str = "tokens"  # how windows were drawn (config.Sampler); manifests before it: seeded token windows
 
 
 @dataclass(frozen=True)

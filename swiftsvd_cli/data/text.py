@@ -27,14 +27,13 @@ from typing import Any, Literal
 
 import torch
 
+from swiftsvd_cli.config import Sampler, choice
 from swiftsvd_cli.errors import SwiftSVDError
 
 logger = logging.getLogger("swiftsvd")
 
 Split = Literal["train", "validation", "test"]
 TEXT_SUFFIXES = (".txt", ".jsonl")  # local text files: plain text, or one {"text": ...} object per line
-SAMPLERS = ("tokens", "svd-llm")
-"""Calibration window samplers: seeded token windows (ours), or SVD-LLM's `get_calib_train_data` draw for draw."""
 
 
 @dataclass(frozen=True)
@@ -271,9 +270,7 @@ def svd_llm_windows(tokenizer: Any, text: str, samples: int, seqlen: int, seed: 
 
 
 def sample_windows(sampler: str, tokenizer: Any, text: str, samples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """Calibration windows (samples, seqlen) of `text` by the named sampler (`SAMPLERS`)."""
-    if sampler == "tokens":
-        return calibration_windows(tokenize(tokenizer, text), samples, seqlen, seed)
-    if sampler == "svd-llm":
+    """Calibration windows (samples, seqlen) of `text` by the named `Sampler`."""
+    if choice(Sampler, sampler) == Sampler.SVD_LLM:
         return svd_llm_windows(tokenizer, text, samples, seqlen, seed)
-    raise SwiftSVDError(f"unknown sampler '{sampler}': use {' or '.join(SAMPLERS)}")
+    return calibration_windows(tokenize(tokenizer, text), samples, seqlen, seed)

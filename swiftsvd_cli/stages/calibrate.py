@@ -21,9 +21,9 @@ from swiftsvd_cli.artifacts import store
 from swiftsvd_cli.artifacts.format import VersionMismatchError, jsonable
 from swiftsvd_cli.artifacts.manifest import MANIFEST, CalibrationManifest, CalibrationSettings, LayerRecord, ModelInfo
 from swiftsvd_cli.artifacts.provenance import make_provenance
-from swiftsvd_cli.config import BATCH_SIZE, DATA, SAMPLES, SEED, SEQLEN
+from swiftsvd_cli.config import BATCH_SIZE, DATA, SAMPLER, SAMPLES, SEED, SEQLEN, Sampler, choice
 from swiftsvd_cli.core.linalg import accumulate_gram, make_empty_gram
-from swiftsvd_cli.data.text import SAMPLERS, load_text, sample_windows
+from swiftsvd_cli.data.text import load_text, sample_windows
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.log import progress
 from swiftsvd_cli.model.architectures import ArchSpec, arch_for, decoder_layers, target_linears
@@ -42,7 +42,7 @@ class CalibrateOptions:
     samples: int = SAMPLES
     seqlen: int = SEQLEN
     seed: int = SEED
-    sampler: str = "tokens"  # seeded token windows; "svd-llm": SVD-LLM's get_calib_train_data (data.text)
+    sampler: Sampler = SAMPLER
     batch_size: int = BATCH_SIZE
     force: bool = False
 
@@ -161,8 +161,7 @@ def run_calibrate(options: CalibrateOptions) -> CalibrationResult:
     """Compute (or resume) the per-layer Grams of `options.source` into `options.work`."""
     if options.samples < 1 or options.seqlen < 2 or options.batch_size < 1:
         raise SwiftSVDError("--samples, --batch-size must be >= 1 and --seqlen >= 2")
-    if options.sampler not in SAMPLERS:
-        raise SwiftSVDError(f"unknown sampler '{options.sampler}': use {' or '.join(SAMPLERS)}")
+    sampler = choice(Sampler, options.sampler)
     work = options.work
     if work.exists() and not work.is_dir():
         raise SwiftSVDError(f"--out {work} exists and is not a directory")
@@ -181,12 +180,10 @@ def run_calibrate(options: CalibrateOptions) -> CalibrationResult:
         seqlen=options.seqlen,
         seed=options.seed,
         dtype=str(next(loaded.model.parameters()).dtype),
-        sampler=options.sampler,
+        sampler=str(sampler),
     )
     info = model_info(loaded, len(layers))
-    windows = sample_windows(
-        options.sampler, loaded.tokenizer, source.text, options.samples, options.seqlen, options.seed
-    )
+    windows = sample_windows(sampler, loaded.tokenizer, source.text, options.samples, options.seqlen, options.seed)
     linears = target_linears(layers[0], spec)
     widest = max(linear.in_features for linear in linears.values())
     if windows.numel() < widest:
