@@ -89,9 +89,26 @@ FactorDtypeOpt = Annotated[
         "round-to-nearest); also what --bytes-ratio counts. Default: the model's dtype (with --plan: the plan's)."
     ),
 ]
-StrategyOpt = Annotated[Strategy, typer.Option(help="dynamic: paper Algorithm 2, alpha by validation perplexity.")]
+TargetPplOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Instead of --ratio: the smallest ratio (steps of 0.01) whose validation perplexity is at most this, "
+        "found by bisection on the cached eigenbases (at most 8 evaluations on the validation split, never the "
+        "text eval reports). A target below the uncompressed model's validation perplexity stops with a message."
+    ),
+]
+StrategyOpt = Annotated[
+    Strategy,
+    typer.Option(
+        help="dynamic: paper Algorithm 2 per matrix type, alpha by validation perplexity. uniform: one rank per "
+        "matrix shape. global: eigen-directions across all matrices and layers by importance-weighted relative "
+        "loss per parameter, each matrix keeping delta x the uniform rank."
+    ),
+]
 AlphaOpt = Annotated[float | None, typer.Option(help="Fix Algorithm 2's alpha in [0, 1] and skip the grid search.")]
-DeltaOpt = Annotated[float, typer.Option(help="Guaranteed share of the uniform rank per layer (paper: 0.5).")]
+DeltaOpt = Annotated[
+    float, typer.Option(help="Guaranteed share of the uniform rank per matrix, dynamic and global (paper: 0.5).")
+]
 ValSamplesOpt = Annotated[
     int,
     typer.Option(
@@ -243,6 +260,7 @@ def allocate(
     work: Annotated[Path, typer.Argument(help="WORK directory written by `swiftsvd calibrate`.")],
     ratio: RatioOpt = None,
     bytes_ratio: BytesRatioOpt = None,
+    target_ppl: TargetPplOpt = None,
     factor_dtype: FactorDtypeOpt = None,
     strategy: StrategyOpt = config.STRATEGY,
     alpha: AlphaOpt = None,
@@ -252,19 +270,21 @@ def allocate(
     val_data: Annotated[
         str | None,
         typer.Option(
-            help="Data whose validation split scores the alpha grid (never its test split, which eval reports): "
+            help="Data whose validation split scores the alpha grid and --target-ppl (never its test split, which "
+            "eval reports): "
             "wikitext2 | ptb | c4 | demo | PATH (a file is used whole). Default: the calibration data's "
             "validation split; for a calibration file, that file itself."
         ),
     ] = None,
     val_samples: ValSamplesOpt = config.VAL_SAMPLES,
     name: Annotated[
-        str | None, typer.Option(help="Plan name (default ratio-R-STRATEGY or bytes-B-DTYPE-STRATEGY).")
+        str | None,
+        typer.Option(help="Plan name (default ratio-R-STRATEGY, bytes-B-DTYPE-STRATEGY or target-ppl-P-STRATEGY)."),
     ] = None,
     device: DeviceOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing plan of that name.")] = False,
 ) -> None:
-    """Eigenbases (computed once, cached in WORK) and a rank plan for a ratio or byte budget: WORK/plans/NAME.json."""
+    """Eigenbases (computed once, cached in WORK) and a rank plan for a ratio, byte budget or target perplexity."""
     from swiftsvd_cli.stages.allocate import AllocateOptions, run_allocate
     from swiftsvd_cli.tables import allocation_summary, plan_table
 
@@ -272,6 +292,7 @@ def allocate(
         work=work,
         ratio=ratio,
         bytes_ratio=bytes_ratio,
+        target_ppl=target_ppl,
         factor_dtype=factor_dtype,
         strategy=strategy,
         alpha=alpha,
@@ -296,17 +317,35 @@ def compress(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for the compressed model.")],
     model: ModelArg = None,
     plan: Annotated[
-        Path | None, typer.Option(help="Rank plan from `swiftsvd allocate` (else --ratio or --bytes-ratio).")
+        Path | None,
+        typer.Option(help="Rank plan from `swiftsvd allocate` (else --ratio, --bytes-ratio or --target-ppl)."),
     ] = None,
     ratio: Annotated[
         float | None,
         typer.Option(help="One shot: calibrate/allocate as needed, then compress. Fraction of parameters KEPT."),
     ] = None,
     bytes_ratio: BytesRatioOpt = None,
+    target_ppl: Annotated[
+        float | None,
+        typer.Option(
+            help="One shot, instead of --ratio: the smallest ratio whose validation perplexity is at most this "
+            "(see `swiftsvd allocate --help`)."
+        ),
+    ] = None,
     factor_dtype: FactorDtypeOpt = None,
     method: MethodOpt = config.METHOD,
     merge: Annotated[
         bool, typer.Option("--merge", help="Write a plain dense checkpoint (loads without swiftsvd).")
+    ] = False,
+    compensate: Annotated[
+        bool,
+        typer.Option(
+            "--compensate",
+            help="Error-compensated factors: one more layer-by-layer pass over the calibration windows fits each "
+            "matrix to the inputs the already compressed layers produce (closed form, Swift-SVD factors only; "
+            "with int8 factors, to the int8 layers' inputs). Ratio-specific: computed for this plan, recorded in "
+            "the output directory, never cached in WORK.",
+        ),
     ] = False,
     work: Annotated[
         Path | None,
@@ -346,27 +385,41 @@ def compress(
     trust_remote_code: RemoteCodeOpt = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
 ) -> None:
-    """Compress MODEL by a plan (--plan) or in one shot (--ratio / --bytes-ratio), into a loadable checkpoint."""
+    """Compress MODEL by a plan (--plan) or in one shot (--ratio / --bytes-ratio / --target-ppl), into a checkpoint."""
     from swiftsvd_cli.model.loading import ModelSource
     from swiftsvd_cli.stages.compress import CompressOptions
     from swiftsvd_cli.stages.pipeline import OneShotOptions, compress
     from swiftsvd_cli.tables import compression_table, plan_table
 
-    if sum(option is not None for option in (plan, ratio, bytes_ratio)) != 1:
-        raise SwiftSVDError("give exactly one of --plan PLAN, --ratio RATIO or --bytes-ratio RATIO")
+    targets = {"--plan": plan, "--ratio": ratio, "--bytes-ratio": bytes_ratio, "--target-ppl": target_ppl}
+    if len(chosen := [flag for flag, value in targets.items() if value is not None]) != 1:
+        raise SwiftSVDError(
+            "give exactly one of --plan PLAN, --ratio RATIO, --bytes-ratio RATIO or --target-ppl PPL"
+            + (f" ({' and '.join(chosen)} given)" if chosen else "")
+        )
     if plan is not None and (given := _given_in_panel(ctx, ONE_SHOT)):
-        raise SwiftSVDError(f"{', '.join(given)} only apply to the one shot (--ratio or --bytes-ratio), not to --plan")
+        raise SwiftSVDError(
+            f"{', '.join(given)} only apply to the one shot (--ratio, --bytes-ratio or --target-ppl), not to --plan"
+        )
     source = ModelSource(_model(model), dtype, device, revision, trust_remote_code)
     options: CompressOptions | OneShotOptions
     if plan is not None:
         options = CompressOptions(
-            source=source, out=out, plan=plan, method=method, merge=merge, force=force, factor_dtype=factor_dtype
+            source=source,
+            out=out,
+            plan=plan,
+            method=method,
+            merge=merge,
+            compensate=compensate,
+            force=force,
+            factor_dtype=factor_dtype,
         )
     else:
         options = OneShotOptions(
             source=source,
             ratio=ratio,
             bytes_ratio=bytes_ratio,
+            target_ppl=target_ppl,
             factor_dtype=factor_dtype,
             out=out,
             work=work,
@@ -375,6 +428,7 @@ def compress(
             delta=delta,
             method=method,
             merge=merge,
+            compensate=compensate,
             data=data,
             samples=samples,
             seqlen=seqlen,

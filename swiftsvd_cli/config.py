@@ -24,6 +24,7 @@ class Strategy(Choice):
 
     DYNAMIC = "dynamic"  # the paper's Algorithm 2, alpha by validation perplexity
     UNIFORM = "uniform"  # floor(m n / (m + n) · ρ) for every matrix
+    GLOBAL = "global"  # eigen-directions across all matrices and layers by weighted loss per parameter
 
 
 class Method(Choice):
@@ -87,6 +88,12 @@ separate candidates about 1 % apart at two standard errors (issue 11's note has 
 
 ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 """The paper's α grid {0, 0.1, ..., 1} for Algorithm 2."""
+
+TARGET_STEP = 0.01
+"""Resolution of the kept ratio that `--target-ppl` finds (bisection: at most 8 evaluations)."""
+
+SEARCH_ALPHA = 0.5
+"""Algorithm 2's α while `--target-ppl` bisects ρ (a grid point; the α grid search then runs at the ρ found)."""
 
 EVAL_TASKS = "wikitext2"
 EVAL_BATCH_SIZE = 1

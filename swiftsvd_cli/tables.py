@@ -123,9 +123,14 @@ def plan_table(plan: RankPlan) -> Table:
         if plan.bytes_ratio is None or plan.achieved_bytes_ratio is None
         else f", {plan.achieved_bytes_ratio:.3f} of the 16-bit bytes ({plan.factor_dtype or '16-bit'} factors)"
     )
+    found = (
+        f" (smallest meeting --target-ppl {plan.target['ppl']:g}: validation ppl {plan.target['validation_ppl']:.3f})"
+        if plan.target
+        else ""
+    )
     table = Table(
-        title=f"{plan.strategy} plan: target ratio {plan.target_ratio:.3f}, achieved {plan.achieved_ratio:.4f}"
-        f"{alpha}{budget}"
+        title=f"{plan.strategy} plan: target ratio {plan.target_ratio:.3f}{found}, "
+        f"achieved {plan.achieved_ratio:.4f}{alpha}{budget}"
     )
     for column in ("matrix", "shape", "ranks", "dense", "mean NER", "most (layer)", "least (layer)"):
         table.add_column(column)
@@ -169,7 +174,8 @@ def allocation_summary(result: AllocationResult) -> str:
 
 def compression_table(result: CompressResult, method: str, merge: bool) -> Table:
     table = Table(title=f"compressed {result.plan.model.model_id} -> {result.out}", show_header=False)
-    table.add_row("method", f"{method}" + (" (merged dense)" if merge else ""))
+    compensated = ", compensated" if result.compensation is not None else ""
+    table.add_row("method", f"{method}" + (" (merged dense)" if merge else "") + compensated)
     if result.factor_dtype is not None:
         table.add_row("stored as", f"{result.factor_dtype} (every target linear)")
     table.add_row(
@@ -179,6 +185,10 @@ def compression_table(result: CompressResult, method: str, merge: bool) -> Table
     )
     for stage, value in result.seconds.items():
         table.add_row(f"time: {stage}", f"{value:.1f} s")
+    if result.compensation is not None:
+        table.add_row("time: of which compensation", f"{result.compensation.seconds:.1f} s")
+        if result.compensation.damping:
+            table.add_row("damped Grams", f"{len(result.compensation.damping)} matrices (see the swiftsvd section)")
     return table
 
 

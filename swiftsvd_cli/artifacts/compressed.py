@@ -69,6 +69,7 @@ class CompressedSection(Artifact):
     validation: dict[str, Any]  # the plan's α-search record (text id + SHA-256, windows); {} without a search
     factor_dtype: str | None = None  # "int8": every target linear stored as int8 codes + float32 row scales
     int8_dense: list[str] = field(default_factory=list)  # with int8: the target linears left dense (full names)
+    compensation: dict[str, Any] | None = None  # --compensate: objective, calibration, damping, seconds
 
 
 def load_section(directory: Path) -> CompressedSection:

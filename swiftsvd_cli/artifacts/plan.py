@@ -59,6 +59,7 @@ class RankPlan(Artifact):
     factor_dtype: str | None = None  # stored dtype the plan was sized for (None: the model's)
     bytes_ratio: float | None = None  # target share of the 16-bit target-linear bytes, if sized by bytes
     achieved_bytes_ratio: float | None = None  # stored bytes / 16-bit bytes of the target linears
+    target: dict[str, Any] = field(default_factory=dict)  # --target-ppl: the target and the ratio search's steps
 
     def ranks(self, layers_path: str) -> dict[str, int]:
         """Full module name -> rank for every factored (non-dense) module."""

@@ -1,4 +1,4 @@
-"""Rank allocation, pure arithmetic: uniform ranks and the paper's dynamic allocation (Algorithm 2).
+"""Rank allocation, pure arithmetic: uniform ranks, the paper's dynamic allocation (Algorithm 2) and a global one.
 
 Ratio convention (paper): ρ is the fraction of the compressed linears' parameters that is *kept*. A rank-k
 factorisation of an (m, n) weight costs k (m + n) parameters; at k ≥ break_even_rank(m, n) it saves nothing,
@@ -8,8 +8,10 @@ so such a module stays dense and costs m n.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from swiftsvd_cli.core.linalg import RANK_FLOOR_SLACK, break_even_rank, loss_at_rank, uniform_rank
@@ -176,3 +178,96 @@ def largest_fitting_ratio(bytes_at: Callable[[float], int], budget: float, steps
         else:
             hi = mid
     return lo
+
+
+@dataclass(frozen=True)
+class WeightedSpectrum:
+    """One matrix as the global allocation sees it: shape, C's eigenvalues (descending), loss weight, minimum rank."""
+
+    m: int
+    n: int
+    eigenvalues: Tensor
+    weight: float
+    floor: int
+
+
+def _segments(matrix: WeightedSpectrum) -> tuple[list[float], list[int], int]:
+    """(gains, costs, floor) of one matrix's steps above its floor, the last step going dense.
+
+    Step i adds eigen-direction i (gain w λ_i, cost m + n); the dense step keeps every remaining direction
+    (gain w Σ_{i≥r} λ_i, cost m n − r (m + n)). Steps whose gain per parameter would not exceed the dense
+    step's are merged into it (upper concave hull), so each matrix's gains per parameter only decrease.
+    """
+    m, n, w = matrix.m, matrix.n, matrix.weight
+    cap = break_even_rank(m, n)
+    lam = [w * float(v) for v in matrix.eigenvalues.to(dtype=torch.float64).clamp_min(0)]
+    first = min(matrix.floor, cap)
+    if first == cap:  # a floor at the break-even rank: dense from the start
+        return [], [], cap
+    r = cap - 1  # the dense step starts at rank r
+    gain, cost = sum(lam[r:]), m * n - r * (m + n)
+    while r > first and lam[r - 1] * cost <= gain * (m + n):
+        r -= 1
+        gain, cost = gain + lam[r], cost + m + n
+    return [*lam[first:r], gain], [m + n] * (r - first) + [cost], first
+
+
+def global_ranks(matrices: Sequence[WeightedSpectrum], ratio: float) -> list[int]:
+    """Ranks for all matrices at once: eigen-directions in descending order of weighted loss per parameter.
+
+    Minimises Σ_j w_j · tail_j(k_j) subject to k_j ≥ floor_j and Σ_j params_j ≤ ρ Σ_j m_j n_j, where a rank
+    reaching the break-even rank means dense (loss 0, m n parameters). Steps of every matrix (see `_segments`)
+    are taken greedily by gain per parameter until the first that does not fit. Because each matrix's steps
+    only lose value, this is the optimum of the problem's concave relaxation, and it is integral: no plan
+    with at most as many parameters has a lower weighted loss. What stays unused is less than that step.
+    """
+    cuts = [_segments(matrix) for matrix in matrices]
+    ranks = [first for _, _, first in cuts]
+    budget = math.floor(ratio * sum(x.m * x.n for x in matrices) + RANK_FLOOR_SLACK) - sum(
+        parameter_count(x.m, x.n, k) for k, x in zip(ranks, matrices, strict=True)
+    )
+    value = torch.cat(  # gain per parameter; the running minimum only irons out rounding at the hull's merge
+        [torch.tensor(gain, dtype=torch.float64) / torch.tensor(cost, dtype=torch.float64) for gain, cost, _ in cuts]
+        or [torch.zeros(0, dtype=torch.float64)]
+    )
+    costs = torch.tensor([c for _, cost, _ in cuts for c in cost], dtype=torch.int64)
+    owner = torch.tensor([j for j, (gain, _, _) in enumerate(cuts) for _ in gain], dtype=torch.int64)
+    start = 0
+    for gain, _, _ in cuts:
+        if gain:
+            value[start : start + len(gain)] = value[start : start + len(gain)].cummin(0).values
+        start += len(gain)
+    order = torch.sort(value, descending=True, stable=True).indices  # ties keep each matrix's own order
+    taken = order[: int((costs[order].cumsum(0) <= budget).sum())]
+    steps = torch.bincount(owner[taken], minlength=len(matrices)).tolist()
+    for j, (gain, _, first) in enumerate(cuts):
+        if steps[j] == len(gain):  # the dense step too
+            ranks[j] = break_even_rank(matrices[j].m, matrices[j].n)
+        else:
+            ranks[j] = first + steps[j]
+    return ranks
+
+
+def global_plan(
+    spectra: Mapping[tuple[int, str], Tensor],
+    shapes: Mapping[str, tuple[int, int]],
+    importance: Sequence[float],
+    ratio: float,
+    delta: float,
+) -> dict[tuple[int, str], int]:
+    """`global_ranks` for every (layer, module): w λ / (m + n) across all matrices, each keeping ⌊δ k̄⌋.
+
+    w = β / ‖W X‖²: a direction's share of its matrix's output energy (λ / Σλ, so that matrices whose outputs
+    differ in scale by orders of magnitude compete on the same footing), times the layer's importance β
+    normalised into [1, 2] as Algorithm 2 does.
+    """
+    beta = normalized_importance(importance)
+    keys = [(i, module) for i in range(len(importance)) for module in shapes]
+    matrices = []
+    for i, module in keys:
+        m, n = shapes[module]
+        lam = spectra[(i, module)]
+        energy = float(lam.clamp_min(0).sum())
+        weight = beta[i] / energy if energy > 0 else 0.0
+        matrices.append(WeightedSpectrum(m, n, lam, weight, uniform_rank(m, n, ratio * delta)))
+    return dict(zip(keys, global_ranks(matrices, ratio), strict=True))

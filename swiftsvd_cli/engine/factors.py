@@ -136,27 +136,41 @@ def apply_factors(
     factor_dtype: str | None = None,
     on_layer: Callable[[], None] = lambda: None,
 ) -> None:
-    """Factor `model` in place: each planned linear becomes a `LowRankLinear` (or, with `merge`, its dense A B).
-
-    With `factor_dtype` "int8" every target linear is then stored quantised: both factors of a factored
-    one, the weight of one left dense. Factors are quantised from float32, not from the model's dtype.
-    """
+    """Factor `model` in place, layer by layer, with `install_factors`."""
     dtype = next(model.parameters()).dtype
-    build_dtype = torch.float32 if factor_dtype is not None else dtype
     for index, layer in enumerate(decoder_layers(model, spec)):
         linears = target_linears(layer, spec)
-        for name, (A, B) in factors_of(index, linears, wanted_ranks(ranks, index, linears)).items():
-            linear = linears[name]
-            with torch.no_grad():
-                if merge:
-                    linear.weight.copy_((A @ B).to(dtype))
-                else:
-                    bias = None if linear.bias is None else linear.bias.detach()
-                    replace_module(layer, name, LowRankLinear.from_factors(A, B, bias, build_dtype))
-        if factor_dtype is not None:
-            for name in linears:
-                replace_module(layer, name, quantize_module(layer.get_submodule(name), dtype))
+        factors = factors_of(index, linears, wanted_ranks(ranks, index, linears))
+        install_factors(layer, linears, factors, merge=merge, factor_dtype=factor_dtype, dtype=dtype)
         on_layer()
+
+
+def install_factors(
+    layer: nn.Module,
+    linears: dict[str, nn.Linear],
+    factors: Factors,
+    *,
+    merge: bool,
+    factor_dtype: str | None,
+    dtype: torch.dtype,
+) -> None:
+    """Put each (A, B) of `factors` in `layer`: a `LowRankLinear` (or, with `merge`, its dense A B in place).
+
+    With `factor_dtype` "int8" every linear of `linears` is then stored quantised: both factors of a factored
+    one, the weight of one left dense. Factors are quantised from float32, not from the model's `dtype`.
+    """
+    build_dtype = torch.float32 if factor_dtype is not None else dtype
+    for name, (A, B) in factors.items():
+        linear = linears[name]
+        with torch.no_grad():
+            if merge:
+                linear.weight.copy_((A @ B).to(dtype))
+            else:
+                bias = None if linear.bias is None else linear.bias.detach()
+                replace_module(layer, name, LowRankLinear.from_factors(A, B, bias, build_dtype))
+    if factor_dtype is not None:
+        for name in linears:
+            replace_module(layer, name, quantize_module(layer.get_submodule(name), dtype))
 
 
 @contextmanager

@@ -1,23 +1,28 @@
-"""Stage 2: eigenbases (cached) -> rank plan for a kept-parameter ratio, uniform or dynamic (paper Algorithm 2).
+"""Stage 2: eigenbases (cached) -> rank plan for a kept-parameter ratio: uniform, dynamic (paper Algorithm 2) or global.
 
 The dynamic strategy scores each α of the paper's grid {0, 0.1, …, 1} by validation perplexity of the
 densely reconstructed model (W' = A B in place, cheap because the eigenbases are cached) and keeps the best.
+The global strategy hands out eigen-directions across all matrices of all layers by weighted loss per parameter.
+The ratio is given (`--ratio`), the largest that fits a byte budget (`--bytes-ratio`), or the smallest whose
+validation perplexity meets a target (`--target-ppl`, by bisection, each step a plan scored like an α candidate).
 The validation text is the `validation` split of `--val-data` (default: of the calibration data), never the
 `test` split `eval` reports on; the plan records it (source, split, windows, tokens, SHA-256) so that `eval`
-can flag a perplexity text that α was chosen on.
+can flag a perplexity text that α or the ratio was chosen on.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from swiftsvd_cli.artifacts.eigen import INDEX, EigenIndex
+from swiftsvd_cli.artifacts.eigen import INDEX
 from swiftsvd_cli.artifacts.format import jsonable
 from swiftsvd_cli.artifacts.manifest import MANIFEST, CalibrationManifest, load_complete_manifest
 from swiftsvd_cli.artifacts.plan import ModulePlan, RankPlan
@@ -28,7 +33,9 @@ from swiftsvd_cli.config import (
     BATCH_SIZE,
     DELTA,
     METHOD,
+    SEARCH_ALPHA,
     STRATEGY,
+    TARGET_STEP,
     VAL_SAMPLES,
     FactorDType,
     Method,
@@ -39,6 +46,7 @@ from swiftsvd_cli.config import (
 from swiftsvd_cli.core.allocation import (
     achieved_ratio,
     dynamic_ranks,
+    global_plan,
     is_dense,
     largest_fitting_ratio,
     minimal_loss_at_uniform,
@@ -46,8 +54,9 @@ from swiftsvd_cli.core.allocation import (
     weight_bytes,
 )
 from swiftsvd_cli.core.linalg import effective_rank, loss_at_rank, normalized_effective_rank, uniform_rank
+from swiftsvd_cli.core.search import max_steps, smallest_ratio
 from swiftsvd_cli.data.text import TextSource, load_text, spread_windows, tokenize
-from swiftsvd_cli.engine.eigen import load_matching_model, load_spectra
+from swiftsvd_cli.engine.eigen import CalibratedSpectra, load_matching_model, load_spectra
 from swiftsvd_cli.engine.factors import FactorSource, RankMap, reconstructed
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.log import progress
@@ -61,7 +70,7 @@ logger = logging.getLogger("swiftsvd")
 @dataclass(frozen=True)
 class AllocateOptions:
     work: Path
-    ratio: float | None = None  # kept-parameter ratio; or give bytes_ratio
+    ratio: float | None = None  # kept-parameter ratio; or give bytes_ratio or target_ppl
     strategy: Strategy = STRATEGY
     alpha: float | None = None  # fixes α and skips the grid search
     delta: float = DELTA
@@ -75,11 +84,14 @@ class AllocateOptions:
     force: bool = False
     bytes_ratio: float | None = None  # share of the 16-bit target-linear bytes to keep, instead of ratio
     factor_dtype: FactorDType | None = None  # stored dtype of the factors (int8), for the byte count
+    target_ppl: float | None = None  # the smallest ratio whose validation perplexity is at most this
 
     @property
     def default_name(self) -> str:
         if self.bytes_ratio is not None:
             return f"bytes-{self.bytes_ratio:.2f}-{self.factor_dtype or '16bit'}-{self.strategy}"
+        if self.target_ppl is not None:
+            return f"target-ppl-{self.target_ppl:g}-{self.strategy}"
         return f"ratio-{self.ratio:.2f}-{self.strategy}"
 
 
@@ -100,8 +112,10 @@ def plan_ranks(
     alpha: float,
     delta: float,
 ) -> RankMap:
-    """Ranks per (layer, module): uniform, or Algorithm 2 run separately for each matrix type."""
+    """Ranks per (layer, module): uniform, Algorithm 2 run separately for each matrix type, or global."""
     layers = range(len(importance))
+    if strategy == Strategy.GLOBAL:
+        return global_plan(spectra, shapes, importance, ratio, delta)
     ranks: RankMap = {}
     for module, (m, n) in shapes.items():
         if strategy == Strategy.UNIFORM:
@@ -118,22 +132,40 @@ def plan_ranks(
     return ranks
 
 
-def check_target(ratio: float | None, bytes_ratio: float | None, factor_dtype: str | None) -> FactorDType | None:
-    """Exactly one of --ratio / --bytes-ratio, each in (0, 1]; the factor dtype as a choice (None: the model's)."""
-    if (ratio is None) == (bytes_ratio is None):
-        raise SwiftSVDError("give exactly one of --ratio (parameters kept) or --bytes-ratio (bytes kept)")
+def check_target(
+    ratio: float | None, bytes_ratio: float | None, factor_dtype: str | None, target_ppl: float | None = None
+) -> FactorDType | None:
+    """Exactly one of --ratio / --bytes-ratio / --target-ppl, each in range; the factor dtype as a choice (None:
+    the model's). --target-ppl scores the model with float factors, so it does not size int8 ones."""
+    given = [
+        flag
+        for flag, value in (("--ratio", ratio), ("--bytes-ratio", bytes_ratio), ("--target-ppl", target_ppl))
+        if value is not None
+    ]
+    if len(given) != 1:
+        raise SwiftSVDError(
+            "give exactly one of --ratio (parameters kept), --bytes-ratio (bytes kept) or --target-ppl (validation "
+            f"perplexity): {' and '.join(given) + ' both replace --ratio' if given else 'none was given'}"
+        )
     if ratio is not None:
         check_ratio(ratio)
     elif bytes_ratio is not None and not 0.0 < bytes_ratio <= 1.0:
         raise SwiftSVDError(
             f"--bytes-ratio {bytes_ratio} is outside (0, 1]: it is the share of the 16-bit target-linear bytes kept"
         )
+    elif target_ppl is not None and not 1.0 <= target_ppl < math.inf:
+        raise SwiftSVDError(f"--target-ppl {target_ppl} is not a perplexity (a finite number >= 1)")
+    if target_ppl is not None and factor_dtype is not None:
+        raise SwiftSVDError(
+            f"--target-ppl scores the model with 16-bit factors, not {factor_dtype} ones: drop --factor-dtype, "
+            "or size the plan by --ratio or --bytes-ratio"
+        )
     return None if factor_dtype is None else choice(FactorDType, factor_dtype)
 
 
 def run_allocate(options: AllocateOptions) -> AllocationResult:
     """Write `WORK/plans/<name>.json` for the target ratio, computing eigenbases only where none are cached."""
-    factor_dtype = check_target(options.ratio, options.bytes_ratio, options.factor_dtype)
+    factor_dtype = check_target(options.ratio, options.bytes_ratio, options.factor_dtype, options.target_ppl)
     strategy = choice(Strategy, options.strategy)
     choice(Method, options.method)
     if options.alpha is not None and not 0.0 <= options.alpha <= 1.0:
@@ -157,11 +189,13 @@ def run_allocate(options: AllocateOptions) -> AllocationResult:
     def ranks_at(ratio: float, alpha: float) -> RankMap:
         return plan_ranks(spectra, shapes, importance, ratio, strategy, alpha, options.delta)
 
+    given = options.ratio  # --ratio, or the ratio --target-ppl finds below
+
     def ratio_for(alpha: float) -> float:
-        """--ratio as given, or the largest kept ratio whose plan fits the byte budget."""
+        """--ratio as given (or found for --target-ppl), or the largest kept ratio whose plan fits the byte budget."""
         if budget is None:
-            assert options.ratio is not None
-            return options.ratio
+            assert given is not None
+            return given
         found = largest_fitting_ratio(lambda ratio: plan_bytes(ranks_at(ratio, alpha), shapes, factor_dtype), budget)
         if found is None:
             raise SwiftSVDError(f"--bytes-ratio {options.bytes_ratio} is too small: not even rank 0 fits")
@@ -170,16 +204,18 @@ def run_allocate(options: AllocateOptions) -> AllocationResult:
     def plan_for(alpha: float) -> RankMap:
         return ranks_at(ratio_for(alpha), alpha)
 
+    searching_alpha = strategy == Strategy.DYNAMIC and options.alpha is None
+    needs_scorer = searching_alpha or options.target_ppl is not None
+    scorer = validator(options, manifest, calibrated, device) if needs_scorer else None
+    target: dict[str, Any] = {}
+    if scorer is not None and options.target_ppl is not None:
+        given, target = search_ratio(options.target_ppl, strategy, options.alpha, ranks_at, scorer)
     candidates: list[dict[str, float]] = []
-    validation: dict[str, object] = {}
-    alpha: float | None = None
-    if strategy == Strategy.DYNAMIC:
-        alpha = options.alpha
-        if alpha is None:
-            loaded = calibrated.loaded or load_matching_model(manifest, options.model, device)
-            alpha, candidates, validation = search_alpha(
-                options, manifest, calibrated.index, loaded, spec, plan_for, shapes, device
-            )
+    alpha = options.alpha if strategy == Strategy.DYNAMIC else None
+    if scorer is not None and searching_alpha:
+        alpha, candidates = search_alpha(plan_for, shapes, scorer)
+        if target:  # the grid holds the α the ratio search used, so this is at most its validation perplexity
+            target["validation_ppl"] = min(c["val_ppl"] for c in candidates)
     ratio = ratio_for(alpha if alpha is not None else 0.0)
     ranks = ranks_at(ratio, alpha if alpha is not None else 0.0)
     order = {module: position for position, module in enumerate(spec.modules)}
@@ -197,12 +233,13 @@ def run_allocate(options: AllocateOptions) -> AllocationResult:
         options=jsonable(options),
         provenance=make_provenance(manifest=sha256_file(work / MANIFEST), eigen=sha256_file(work / INDEX)),
         alpha=alpha,
-        delta=options.delta if strategy == Strategy.DYNAMIC else None,
+        delta=options.delta if strategy != Strategy.UNIFORM else None,
         candidates=candidates,
-        validation=validation,
+        validation=scorer.record if scorer is not None else {},
         factor_dtype=None if factor_dtype is None else str(factor_dtype),
         bytes_ratio=options.bytes_ratio,
         achieved_bytes_ratio=plan_bytes(ranks, shapes, factor_dtype) / reference_bytes(layer_shapes),
+        target=target,
     )
     if options.bytes_ratio is not None and ratio == 1.0:
         logger.info("bytes ratio %.3f: every target linear fits unfactored, no low rank", options.bytes_ratio)
@@ -241,46 +278,105 @@ def module_plan(
     )
 
 
-def search_alpha(
-    options: AllocateOptions,
-    manifest: CalibrationManifest,
-    eigen: EigenIndex,
-    loaded: LoadedModel,
-    spec: ArchSpec,
-    plan_for: Callable[[float], RankMap],
-    shapes: dict[str, tuple[int, int]],
-    device: str,
-) -> tuple[float, list[dict[str, float]], dict[str, object]]:
-    """The paper's lightweight grid search: each α's plan scored by validation perplexity; best wins."""
+@dataclass(frozen=True)
+class Validator:
+    """Scores a rank plan by the validation perplexity of the densely reconstructed model (W' = A B in place).
+
+    One validation text serves every choice a plan makes (the α grid, the --target-ppl ratio search), and
+    `record` is what the plan (and, through it, the compressed directory) says about it.
+    """
+
+    loaded: LoadedModel
+    spec: ArchSpec
+    factors: FactorSource
+    windows: torch.Tensor  # (k, seqlen) validation windows
+    record: dict[str, Any]
+
+    def ppl(self, ranks: RankMap) -> float:
+        seqlen = self.windows.shape[1]
+        with reconstructed(self.loaded.model, self.spec, ranks, self.factors):
+            result = perplexity(self.loaded.model, self.windows.reshape(-1), seqlen=seqlen, batch_size=BATCH_SIZE)
+        return result.ppl
+
+
+def validator(
+    options: AllocateOptions, manifest: CalibrationManifest, calibrated: CalibratedSpectra, device: str
+) -> Validator:
+    """`--val-samples` windows evenly spaced over the validation split, never the test split `eval` reports on."""
+    loaded = calibrated.loaded or load_matching_model(manifest, options.model, device)
     seqlen = options.val_seqlen or manifest.settings.seqlen
     source = validation_text(options.val_data, manifest)
     windows = spread_windows(tokenize(loaded.tokenizer, source.text), seqlen, options.val_samples)
-    factors = FactorSource(options.method, options.work, manifest, eigen, spec, device)
-    candidates: list[dict[str, float]] = []
-    with progress() as bar:
-        task = bar.add_task("alpha search", total=len(ALPHA_GRID))
-        for alpha in ALPHA_GRID:
-            ranks = plan_for(alpha)
-            with reconstructed(loaded.model, spec, ranks, factors):
-                result = perplexity(loaded.model, windows.reshape(-1), seqlen=seqlen, batch_size=BATCH_SIZE)
-            ratio = achieved_ratio((*shapes[module], k) for (_, module), k in ranks.items())
-            candidates.append({"alpha": alpha, "val_ppl": result.ppl, "achieved_ratio": ratio})
-            bar.advance(task)
-    best = min(candidates, key=lambda c: (c["val_ppl"], c["alpha"]))
-    validation = {
+    record = {
         "data": options.val_data or manifest.settings.data,
         "split": "validation",
         "data_id": source.id,
         "text_sha256": source.sha256,
         "protocol": source.protocol,
-        "windows": result.windows,
+        "windows": windows.shape[0],
         "seqlen": seqlen,
-        "tokens": result.windows * seqlen,
+        "tokens": windows.numel(),
         "held_out_from_calibration": source.sha256 != manifest.settings.data_sha256,
         "note": "non-overlapping windows evenly spaced over the whole validation text",
     }
+    factors = FactorSource(options.method, options.work, manifest, calibrated.index, calibrated.spec, device)
+    return Validator(loaded, calibrated.spec, factors, windows, record)
+
+
+def search_alpha(
+    plan_for: Callable[[float], RankMap], shapes: dict[str, tuple[int, int]], scorer: Validator
+) -> tuple[float, list[dict[str, float]]]:
+    """The paper's lightweight grid search: each α's plan scored by validation perplexity; best wins."""
+    candidates: list[dict[str, float]] = []
+    with progress() as bar:
+        task = bar.add_task("alpha search", total=len(ALPHA_GRID))
+        for alpha in ALPHA_GRID:
+            ranks = plan_for(alpha)
+            ratio = achieved_ratio((*shapes[module], k) for (_, module), k in ranks.items())
+            candidates.append({"alpha": alpha, "val_ppl": scorer.ppl(ranks), "achieved_ratio": ratio})
+            bar.advance(task)
+    best = min(candidates, key=lambda c: (c["val_ppl"], c["alpha"]))
     logger.info("alpha search: best alpha %.1f (val ppl %.3f)", best["alpha"], best["val_ppl"])
-    return float(best["alpha"]), candidates, validation
+    return float(best["alpha"]), candidates
+
+
+def search_ratio(
+    target: float,
+    strategy: Strategy,
+    alpha: float | None,
+    ranks_at: Callable[[float, float], RankMap],
+    scorer: Validator,
+) -> tuple[float, dict[str, Any]]:
+    """The smallest ρ (grid TARGET_STEP) whose plan's validation perplexity is at most `target`, by bisection.
+
+    Algorithm 2 runs at a fixed α meanwhile (--alpha, else SEARCH_ALPHA, a point of the α grid), so the grid
+    search at the ρ found can only lower the validation perplexity further.
+    """
+    alpha = alpha if alpha is not None else SEARCH_ALPHA
+    with progress() as bar:
+        task = bar.add_task("ratio search", total=max_steps(TARGET_STEP))
+
+        def metric(ratio: float) -> float:
+            value = scorer.ppl(ranks_at(ratio, alpha))
+            logger.info("ratio %.2f: validation ppl %.3f", ratio, value)
+            bar.advance(task)
+            return value
+
+        result = smallest_ratio(metric, target, TARGET_STEP)
+    if result.ratio is None:
+        raise SwiftSVDError(
+            f"--target-ppl {target:g} is unreachable: the uncompressed model (ratio 1.0) already has validation "
+            f"perplexity {result.value:.3f} on {scorer.record['data_id']}; give a target above it"
+        )
+    logger.info("ratio search: %.2f (validation ppl %.3f <= %g)", result.ratio, result.value, target)
+    return result.ratio, {
+        "ppl": target,
+        "ratio": result.ratio,
+        "validation_ppl": result.value,
+        "step": TARGET_STEP,
+        "alpha_during_search": alpha if strategy == Strategy.DYNAMIC else None,
+        "steps": [{"ratio": ratio, "val_ppl": value} for ratio, value in result.steps],
+    }
 
 
 def validation_text(val_data: str | None, manifest: CalibrationManifest) -> TextSource:
@@ -292,7 +388,7 @@ def validation_text(val_data: str | None, manifest: CalibrationManifest) -> Text
     source = load_text(val_data or manifest.settings.data, "validation")
     if source.sha256 == manifest.settings.data_sha256:
         logger.warning(
-            "alpha is scored on the calibration text itself (%s has no validation split): "
+            "alpha and --target-ppl are scored on the calibration text itself (%s has no validation split): "
             "pass --val-data for held-out text",
             manifest.settings.data,
         )

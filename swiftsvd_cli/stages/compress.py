@@ -1,21 +1,29 @@
-"""Stage 3: apply a rank plan -> a compressed directory (factored, loaded by plain transformers too; or dense)."""
+"""Stage 3: apply a rank plan -> a compressed directory (factored, loaded by plain transformers too; or dense).
+
+Factors come from the cached eigenbases (one pass, ratio-independent), or with `compensate` from a layer-by-layer
+pass that fits each linear to the inputs the compressed layers before it produce (ratio-specific, computed here
+for this plan and recorded in the output directory, never stored in WORK).
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from swiftsvd_cli.artifacts.compressed import CompressedSection
 from swiftsvd_cli.artifacts.format import jsonable
-from swiftsvd_cli.artifacts.manifest import load_complete_manifest
+from swiftsvd_cli.artifacts.manifest import CalibrationSettings, load_complete_manifest
 from swiftsvd_cli.artifacts.plan import RankPlan
 from swiftsvd_cli.artifacts.provenance import make_provenance
 from swiftsvd_cli.artifacts.store import sha256_file
-from swiftsvd_cli.config import METHOD, FactorDType, Method, check_ratio, choice
+from swiftsvd_cli.config import BATCH_SIZE, METHOD, FactorDType, Method, check_ratio, choice
+from swiftsvd_cli.engine.compensate import CompensationResult, compensate, manifest_windows
 from swiftsvd_cli.engine.eigen import load_eigen_index
-from swiftsvd_cli.engine.factors import FactorSource, apply_factors
+from swiftsvd_cli.engine.factors import FactorSource, apply_factors, install_factors
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.log import progress
 from swiftsvd_cli.model.architectures import arch_for
@@ -33,6 +41,7 @@ class CompressOptions:
     plan: Path
     method: Method = METHOD
     merge: bool = False
+    compensate: bool = False  # fit factors to the compressed path's inputs (Swift-SVD factors only)
     force: bool = False
     factor_dtype: FactorDType | None = None  # int8: every target linear stored quantised; None: as the plan says
 
@@ -46,6 +55,7 @@ class CompressResult:
     params_after: int
     seconds: dict[str, float]  # per stage: compress (and, in one shot, calibrate and allocate)
     factor_dtype: FactorDType | None = None
+    compensation: CompensationResult | None = None
 
 
 def check_output(out: Path, force: bool) -> None:
@@ -62,6 +72,11 @@ def resolve_factor_dtype(given: str | None, plan: RankPlan, merge: bool) -> Fact
         )
     chosen = given or plan.factor_dtype
     factor_dtype = None if chosen is None else choice(FactorDType, chosen)
+    if factor_dtype is not None and plan.target:
+        raise SwiftSVDError(
+            f"the plan's ratio meets --target-ppl {plan.target['ppl']:g} with 16-bit factors, not {factor_dtype} "
+            "ones: drop --factor-dtype, or allocate by --ratio or --bytes-ratio"
+        )
     check_merge(merge, factor_dtype)
     return factor_dtype
 
@@ -75,6 +90,8 @@ def run_compress(options: CompressOptions) -> CompressResult:
     """Factor every planned linear of `options.source` and save the result to `options.out`."""
     check_output(options.out, options.force)
     method = choice(Method, options.method)
+    if options.compensate and method != Method.SWIFT:
+        raise SwiftSVDError(f"--compensate fits Swift-SVD factors; it does not apply to --method {method}")
     start = time.perf_counter()
     plan = RankPlan.load(options.plan)
     check_ratio(plan.target_ratio)
@@ -84,7 +101,7 @@ def run_compress(options: CompressOptions) -> CompressResult:
     if manifest.model.fingerprint != plan.model.fingerprint:
         raise SwiftSVDError(f"plan {options.plan} does not belong to the calibration in {work}")
     device = options.source.compute_device
-    loaded = options.source.load()
+    loaded = options.source.load(keep_on_cpu=options.compensate)  # compensation moves one layer at a time
     if loaded.fingerprint != plan.model.fingerprint:
         raise SwiftSVDError(
             f"plan {options.plan} was made for another model ({plan.model.model_id}), not '{options.source.model}'"
@@ -92,18 +109,26 @@ def run_compress(options: CompressOptions) -> CompressResult:
     model = loaded.model
     spec = arch_for(model.config)
     before = weight_count(model)
-    factors = FactorSource(method, work, manifest, load_eigen_index(work, manifest), spec, device)
-    with progress() as bar:
-        task = bar.add_task("factorising", total=manifest.model.num_layers)
-        apply_factors(
-            model,
-            spec,
-            plan.rank_map(),
-            factors,
-            merge=options.merge,
-            factor_dtype=factor_dtype,
-            on_layer=lambda: bar.advance(task),
-        )
+    compensation: CompensationResult | None = None
+    if options.compensate:
+        dtype = next(model.parameters()).dtype
+        install = partial(install_factors, merge=options.merge, factor_dtype=factor_dtype, dtype=dtype)
+        planned = {(p.layer, p.module): p.rank for p in plan.modules if not p.dense}
+        windows = manifest_windows(manifest, loaded.tokenizer)
+        compensation = compensate(model, spec, windows, planned, BATCH_SIZE, device, install)
+    else:
+        factors = FactorSource(method, work, manifest, load_eigen_index(work, manifest), spec, device)
+        with progress() as bar:
+            task = bar.add_task("factorising", total=manifest.model.num_layers)
+            apply_factors(
+                model,
+                spec,
+                plan.rank_map(),
+                factors,
+                merge=options.merge,
+                factor_dtype=factor_dtype,
+                on_layer=lambda: bar.advance(task),
+            )
     section = CompressedSection(
         method=str(method),
         merged=options.merge,
@@ -124,7 +149,20 @@ def run_compress(options: CompressOptions) -> CompressResult:
         int8_dense=[f"{spec.layers}.{p.layer}.{p.module}" for p in plan.modules if p.dense]
         if factor_dtype == FactorDType.INT8
         else [],
+        compensation=None if compensation is None else compensation_record(compensation, manifest.settings),
     )
     save_compressed(model, loaded.tokenizer, section, options.out)
     seconds = {"compress": time.perf_counter() - start}
-    return CompressResult(options.out, plan, work, before, weight_count(model), seconds, factor_dtype)
+    return CompressResult(options.out, plan, work, before, weight_count(model), seconds, factor_dtype, compensation)
+
+
+def compensation_record(result: CompensationResult, settings: CalibrationSettings) -> dict[str, Any]:
+    """What the compressed directory records about an error-compensated compression."""
+    return {
+        "ratio_specific": True,
+        "objective": "min over rank k of ||W X - W' X_hat||_F, X_hat = inputs from the compressed layers before",
+        "calibration": jsonable(settings),
+        "tokens": result.tokens,
+        "damping": result.damping,
+        "seconds": result.seconds,
+    }

@@ -1,4 +1,5 @@
-"""One shot: `swiftsvd compress MODEL --ratio ρ` runs whichever stage has no valid cached artifact, then compresses.
+"""One shot: `swiftsvd compress MODEL --ratio ρ` (or `--bytes-ratio`, `--target-ppl`) runs whichever stage has no
+valid cached artifact, then compresses.
 
 The WORK directory defaults to a cache folder named after the model and the calibration settings, so a
 second ratio of the same model reuses the Grams and eigenbases of the first; a plan is reused only when it was
@@ -46,7 +47,7 @@ class OneShotOptions:
     """Compress in one shot; None fields take the model's defaults (the demo recipe for `demo`, else the field's)."""
 
     source: ModelSource
-    ratio: float | None  # kept-parameter ratio; or give bytes_ratio
+    ratio: float | None  # kept-parameter ratio; or give bytes_ratio or target_ppl
     out: Path
     work: Path | None = None
     strategy: Strategy = STRATEGY
@@ -54,6 +55,7 @@ class OneShotOptions:
     delta: float = DELTA
     method: Method = METHOD
     merge: bool = False
+    compensate: bool = False  # error-compensated factors (ratio-specific, see `CompressOptions`)
     data: str | None = None
     samples: int | None = None
     seqlen: int | None = None
@@ -63,6 +65,7 @@ class OneShotOptions:
     force: bool = False
     bytes_ratio: float | None = None  # instead of ratio: share of the 16-bit target-linear bytes kept
     factor_dtype: FactorDType | None = None  # int8: factors stored quantised
+    target_ppl: float | None = None  # instead of ratio: the smallest ratio meeting this validation perplexity
 
 
 FIELD_DEFAULTS: dict[str, Any] = {"data": DATA, "samples": SAMPLES, "seqlen": SEQLEN, "val_samples": VAL_SAMPLES}
@@ -85,6 +88,7 @@ def default_work(model: str, data: str, samples: int, seqlen: int, seed: int) ->
 PLAN_SETTINGS = (
     "ratio",
     "bytes_ratio",
+    "target_ppl",
     "factor_dtype",
     "strategy",
     "alpha",
@@ -111,7 +115,9 @@ def _reusable(path: Path, options: AllocateOptions) -> bool:
 
 def run_oneshot(options: OneShotOptions) -> CompressResult:
     """Calibrate and allocate where no valid cached artifact exists, then compress into `options.out`."""
-    check_merge(options.merge, check_target(options.ratio, options.bytes_ratio, options.factor_dtype))
+    check_merge(
+        options.merge, check_target(options.ratio, options.bytes_ratio, options.factor_dtype, options.target_ppl)
+    )
     check_output(options.out, options.force)
     model = options.source.model
     defaults = model_defaults(model)
@@ -136,6 +142,7 @@ def run_oneshot(options: OneShotOptions) -> CompressResult:
         work=work,
         ratio=options.ratio,
         bytes_ratio=options.bytes_ratio,
+        target_ppl=options.target_ppl,
         factor_dtype=options.factor_dtype if options.bytes_ratio is not None else None,  # --ratio plans: any dtype
         strategy=options.strategy,
         alpha=options.alpha,
@@ -165,6 +172,7 @@ def run_oneshot(options: OneShotOptions) -> CompressResult:
             plan=plan_path,
             method=options.method,
             merge=options.merge,
+            compensate=options.compensate,
             force=options.force,
             factor_dtype=options.factor_dtype,
         )

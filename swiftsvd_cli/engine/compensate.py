@@ -1,0 +1,203 @@
+"""Error-compensated factors (`--compensate`): each planned linear fitted to what the compressed layers feed it.
+
+Layer by layer, and inside a layer input group by input group in execution order (q/k/v, o, gate/up, down),
+the calibration windows run through the original decoder layer and through its compressed copy side by side.
+For each group we sum, over tokens, Ĝ = X̂ X̂ᵀ and the cross term (H = X X̂ᵀ shared by the group, or per linear
+T = W X X̂ᵀ where the linears' outputs are narrower than their input: down_proj), solve the reduced-rank
+regression of `core.compensation` and install the factors in the copy before the next group runs, so every
+later input already sees them. The copy then replaces the layer and both hidden-state streams move on.
+
+Memory: one decoder layer and its copy on the device, the two streams of hidden states on the CPU. Per group
+Ĝ (n²) plus min(n², Σ m n) cross terms and the Cholesky factor, in float64 (Llama-2-7B down_proj: Ĝ and L
+0.97 GB each, T 0.36 GB; Llama-2-70B: 6.6 GB each and 1.9 GB). The sums are plain sums over tokens: a
+data-parallel run all-reduces `GroupSums` before `solve`, nothing else changes.
+Ratio-specific (it depends on the compressed prefix), so nothing here is written to the calibration cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from swiftsvd_cli.artifacts.manifest import CalibrationManifest
+from swiftsvd_cli.core.compensation import (
+    accumulate_cross,
+    accumulate_output_cross,
+    compensated_factors,
+    noise_floor,
+)
+from swiftsvd_cli.core.linalg import SVD_PRECISION, accumulate_gram, make_empty_gram
+from swiftsvd_cli.data.text import calibration_windows, load_text, tokenize
+from swiftsvd_cli.engine.factors import Factors, RankMap
+from swiftsvd_cli.errors import SwiftSVDError
+from swiftsvd_cli.log import progress
+from swiftsvd_cli.model.architectures import ArchSpec, decoder_layers, target_linears
+from swiftsvd_cli.model.layerwise import LayerInputs, capture_first_layer_inputs, layer_output, to_device
+
+logger = logging.getLogger("swiftsvd")
+Install = Callable[[nn.Module, dict[str, nn.Linear], Factors], None]
+"""(decoder layer, one input group's linears in it by path, their factors) -> put the group as stored in place
+(factored or merged; with int8 factors every linear of the group quantised, so later groups see that too)."""
+SHARED = ""  # key of the group-wide cross term H in `GroupSums.cross`
+
+
+@dataclass(frozen=True)
+class CompensationResult:
+    """What the compensated pass did, for the compressed directory's record."""
+
+    damping: dict[str, float]  # "layer.module" -> relative damping of its Ĝ, only where one was needed
+    tokens: int  # calibration tokens per group
+    seconds: float
+
+
+@dataclass
+class GroupSums:
+    """One input group's sums over tokens: what a data-parallel run would all-reduce before `solve`."""
+
+    G_hat: torch.Tensor  # (n, n) compressed-path Gram
+    cross: dict[str, torch.Tensor]  # {SHARED: H (n, n)} or {linear: T (m, n)}
+    tokens: int
+
+
+def manifest_windows(manifest: CalibrationManifest, tokenizer: Any) -> torch.Tensor:
+    """The calibration windows a WORK was made from, drawn again; a calibration text that changed is refused."""
+    settings = manifest.settings
+    source = load_text(settings.data, "train")
+    if source.sha256 != settings.data_sha256:
+        raise SwiftSVDError(
+            f"the calibration text '{settings.data}' changed since this WORK was calibrated: recalibrate first"
+        )
+    return calibration_windows(tokenize(tokenizer, source.text), settings.samples, settings.seqlen, settings.seed)
+
+
+class _Reached(Exception):
+    """Raised by a pre-hook to stop a layer's forward pass once the wanted input is known."""
+
+
+def _input_of(layer: nn.Module, module: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """What `module` receives when `layer` runs on `hidden`; the rest of the layer is skipped."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        seen.append(args[0])
+        raise _Reached
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        layer_output(layer, hidden, kwargs)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def _batches(
+    original: LayerInputs, compressed: LayerInputs, device: str
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, dict[str, Any]]]:
+    """(batch, original hidden, compressed hidden, layer kwargs) on `device`; both streams share the kwargs."""
+    for index, kwargs in enumerate(original.kwargs):
+        yield index, original.hidden[index].to(device), compressed.hidden[index].to(device), to_device(kwargs, device)
+
+
+def group_sums(
+    layer: nn.Module,
+    twin: nn.Module,
+    linears: dict[str, nn.Linear],
+    reader: str,
+    original: LayerInputs,
+    compressed: LayerInputs,
+    device: str,
+) -> GroupSums:
+    """Ĝ and the cross terms of `linears` (all reading the input of the linear `reader`) over all batches.
+
+    `layer` is the original decoder layer, `twin` its copy with the earlier groups already compressed.
+    """
+    W = {name: linear.weight.detach() for name, linear in linears.items()}  # (m, n) each
+    n = next(iter(linears.values())).in_features
+    output_side = sum(w.shape[0] for w in W.values()) < n  # Σ m n < n²: store T per linear, not H
+    G_hat = make_empty_gram(n).to(device)
+    shapes = {name: (w.shape[0], n) for name, w in W.items()} if output_side else {SHARED: (n, n)}
+    cross = {key: torch.zeros(shape, dtype=SVD_PRECISION, device=device) for key, shape in shapes.items()}
+    tokens = 0
+    for _, hidden, hidden_hat, kwargs in _batches(original, compressed, device):
+        x = _input_of(layer, layer.get_submodule(reader), hidden, kwargs)  # same input for the whole group
+        x_hat = _input_of(twin, twin.get_submodule(reader), hidden_hat, kwargs)
+        tokens += accumulate_gram(G_hat, x_hat)
+        for key, term in cross.items():
+            if key == SHARED:
+                accumulate_cross(term, x, x_hat)
+            else:
+                accumulate_output_cross(term, W[key], x, x_hat)
+    return GroupSums(G_hat=G_hat, cross=cross, tokens=tokens)
+
+
+def solve(linears: dict[str, nn.Linear], sums: GroupSums, ranks: dict[str, int], floor: float) -> tuple[Factors, float]:
+    """The group's compensated factors (float64) and the relative damping its Ĝ needed (`floor`: the
+    inputs' noise floor, see `core.compensation.damped_cholesky`)."""
+    if SHARED in sums.cross:
+        H = sums.cross[SHARED]
+        T = {name: linears[name].weight.detach().to(dtype=SVD_PRECISION) @ H for name in ranks}
+    else:
+        T = sums.cross
+    result = compensated_factors(T, sums.G_hat, ranks, floor)
+    return result.factors, result.damping
+
+
+def _advance(layer: nn.Module, inputs: LayerInputs, device: str) -> None:
+    """Replace each batch's hidden states by `layer`'s output (kept on the CPU)."""
+    for index, kwargs in enumerate(inputs.kwargs):
+        inputs.hidden[index] = layer_output(layer, inputs.hidden[index].to(device), to_device(kwargs, device)).cpu()
+
+
+@torch.no_grad()
+def compensate(
+    model: nn.Module,
+    spec: ArchSpec,
+    windows: torch.Tensor,
+    ranks: RankMap,
+    batch_size: int,
+    device: str,
+    install: Install,
+) -> CompensationResult:
+    """Compress `model` in place: every linear in `ranks` ((layer, linear path) -> rank; the plan's factored
+    linears, dense ones absent) gets factors fitted to the compressed path's inputs on the calibration
+    `windows`; `install` puts each group into the layer as the output will store it (factored, merged or int8)."""
+    start = time.perf_counter()
+    layers = decoder_layers(model, spec)
+    original = capture_first_layer_inputs(model, layers, windows, batch_size)
+    compressed = LayerInputs(hidden=list(original.hidden), kwargs=original.kwargs)
+    damping: dict[str, float] = {}
+    tokens = 0
+    with progress() as bar:
+        task = bar.add_task("compensating", total=len(layers))
+        for index in range(len(layers)):
+            home = next(layers[index].parameters()).device
+            layer = layers[index].to(device)
+            twin = copy.deepcopy(layer)
+            floor = noise_floor(next(layer.parameters()).dtype)  # the activations' precision
+            linears = target_linears(layer, spec)
+            for names in spec.groups.values():
+                wanted = {name: ranks[(index, name)] for name in names if (index, name) in ranks}
+                factors: Factors = {}
+                if wanted:
+                    group = {name: linears[name] for name in wanted}
+                    sums = group_sums(layer, twin, group, names[0], original, compressed, device)
+                    factors, relative = solve(group, sums, wanted, floor)
+                    if relative:
+                        damping |= {f"{index}.{name}": relative for name in wanted}
+                        logger.info("layer %d %s: compressed-path Gram damped by %.0e", index, names[0], relative)
+                    tokens = sums.tokens
+                install(twin, {name: cast(nn.Linear, twin.get_submodule(name)) for name in names}, factors)
+            _advance(layer, original, device)
+            _advance(twin, compressed, device)
+            layers[index] = twin.to(home)  # the original layer is dropped here
+            bar.advance(task)
+    return CompensationResult(damping=damping, tokens=tokens, seconds=time.perf_counter() - start)
