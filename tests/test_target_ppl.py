@@ -1,0 +1,112 @@
+"""`--target-ppl` and `--strategy global` through the allocate stage and the CLI on a tiny trained model.
+
+The validation perplexities are recomputed here from the plan's ranks (and from the compressed checkpoint),
+not read back from what the search recorded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from swiftsvd_cli.artifacts.manifest import CalibrationManifest
+from swiftsvd_cli.artifacts.plan import RankPlan
+from swiftsvd_cli.cli import app
+from swiftsvd_cli.core.allocation import parameter_count
+from swiftsvd_cli.core.linalg import uniform_rank
+from swiftsvd_cli.data.text import load_text, tokenize
+from swiftsvd_cli.engine.eigen import load_matching_model
+from swiftsvd_cli.engine.factors import FactorSource, reconstructed
+from swiftsvd_cli.metrics.perplexity import perplexity
+from swiftsvd_cli.model.architectures import LLAMA
+from swiftsvd_cli.model.checkpoint import load_compressed
+from swiftsvd_cli.model.loading import ModelSource
+from swiftsvd_cli.stages.allocate import AllocateOptions, run_allocate
+from swiftsvd_cli.stages.calibrate import CalibrateOptions, run_calibrate
+
+SEQLEN = 64
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def work(trained_llama_dir: Path, tiny_text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("target") / "work"
+    source = ModelSource(str(trained_llama_dir), device="cpu")
+    run_calibrate(CalibrateOptions(source=source, work=path, data=str(tiny_text_file), samples=16, seqlen=SEQLEN))
+    return path
+
+
+def validation_ppl(work: Path, ranks: dict[tuple[int, str], int]) -> float:
+    """The default validation text (the calibration text's first windows), scored from scratch."""
+    manifest = CalibrationManifest.load(work)
+    loaded = load_matching_model(manifest, None, "cpu")
+    ids = tokenize(loaded.tokenizer, load_text(manifest.settings.data, "train").text)
+    with reconstructed(loaded.model, LLAMA, ranks, FactorSource("swift", work, manifest, LLAMA, "cpu")):
+        return perplexity(loaded.model, ids, seqlen=SEQLEN, limit=8).ppl
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "global"])
+def test_target_ppl_finds_the_smallest_ratio(work: Path, strategy: str) -> None:
+    original = validation_ppl(work, {})
+    target = original * 1.5
+    result = run_allocate(AllocateOptions(work=work, target_ppl=target, strategy=strategy, device="cpu", force=True))
+    plan = result.plan
+    assert result.path.name == f"target-ppl-{target:g}-{strategy}.json"
+    ranks = {(p.layer, p.module): p.rank for p in plan.modules}
+    found = validation_ppl(work, ranks)
+    assert found <= target and found == pytest.approx(plan.target["validation_ppl"], rel=1e-6)
+    assert 0 < plan.target_ratio < 1 and plan.target["ratio"] == plan.target_ratio
+    steps = {step["ratio"]: step["val_ppl"] for step in plan.target["steps"]}
+    assert len(steps) <= 8 and steps[1.0] == pytest.approx(original, rel=1e-6)
+    below = round(plan.target_ratio - 0.01, 2)
+    assert below == 0.0 or steps[below] > target  # the grid point just below was tried and missed the target
+
+
+def test_dynamic_target_runs_the_alpha_grid_at_the_ratio_found(work: Path) -> None:
+    target = validation_ppl(work, {}) * 2
+    plan = run_allocate(AllocateOptions(work=work, target_ppl=target, device="cpu", force=True)).plan
+    assert plan.strategy == "dynamic" and len(plan.candidates) == 11
+    assert plan.target["alpha_during_search"] == 0.5
+    assert plan.target["validation_ppl"] == min(c["val_ppl"] for c in plan.candidates) <= target
+
+
+def test_unreachable_target_is_one_line(work: Path) -> None:
+    result = runner.invoke(app, ["allocate", str(work), "--target-ppl", "1.0", "--strategy", "uniform"])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 1 and len(errors) == 1 and "unreachable" in errors[0]
+    assert "Traceback" not in result.output and result.output.count("validation ppl") == 1  # stopped at ρ = 1.0
+    for args in ([], ["--ratio", "0.5", "--target-ppl", "10"], ["--target-ppl", "0.5"]):
+        bad = runner.invoke(app, ["allocate", str(work), *args])
+        assert bad.exit_code == 1 and ("exactly one" in bad.output or "not a perplexity" in bad.output)
+
+
+def test_global_plan_respects_budget_and_floor(work: Path) -> None:
+    plan = run_allocate(AllocateOptions(work=work, ratio=0.5, strategy="global", device="cpu", force=True)).plan
+    assert plan.strategy == "global" and plan.delta == 0.5 and plan.alpha is None
+    assert plan.achieved_ratio <= 0.5
+    assert sum(p.params for p in plan.modules) <= 0.5 * sum(p.m * p.n for p in plan.modules)
+    assert all(p.rank >= uniform_rank(p.m, p.n, 0.25) for p in plan.modules)  # ⌊δ k̄⌋ with δ = 0.5
+    assert len({p.rank for p in plan.modules}) > len({p.kind for p in plan.modules})  # not uniform per type
+    assert all(p.params == parameter_count(p.m, p.n, p.rank) for p in plan.modules)
+
+
+def test_one_shot_target_ppl_compresses(
+    trained_llama_dir: Path, tiny_text_file: Path, work: Path, tmp_path: Path
+) -> None:
+    target = validation_ppl(work, {}) * 1.5
+    out = tmp_path / "c"
+    common = ["--data", str(tiny_text_file), "--samples", "16", "--seqlen", str(SEQLEN), "--device", "cpu"]
+    result = runner.invoke(
+        app,
+        ["compress", str(trained_llama_dir), "--target-ppl", f"{target}", "--strategy", "uniform", "--work", str(work)]
+        + ["--out", str(out), *common],
+    )
+    assert result.exit_code == 0, result.output
+    assert "target-ppl" in result.output
+    model, tokenizer = load_compressed(out, dtype="float32")
+    ids = tokenize(tokenizer, load_text(str(tiny_text_file), "train").text)
+    assert perplexity(model, ids, seqlen=SEQLEN, limit=8).ppl <= target * (1 + 1e-4)
+    plan = RankPlan.load(work / "plans" / f"target-ppl-{target:g}-uniform.json")
+    assert plan.target["ppl"] == pytest.approx(target)
