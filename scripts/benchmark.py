@@ -1,13 +1,15 @@
-"""Benchmark: Swift-SVD against plain SVD, ASVD and SVD-LLM whitening, from one calibration, in one process.
+"""Benchmark: Swift-SVD against plain SVD, ASVD and SVD-LLM whitening, from one calibration, in one process;
+and Swift-SVD's own variants: uniform / dynamic (Algorithm 2) / global ranks, one-pass or error-compensated.
 
     python scripts/benchmark.py                      # demo model + demo text, writes benchmarks/results/
     python scripts/benchmark.py --quick --model DIR --data corpus.txt --out /tmp/bench   # CI smoke run
     python scripts/benchmark.py --model HUB_ID --data wikitext2 --samples 256 --seqlen 2048 --full
 
 Measures, on the same WORK and in the same process so the times are comparable:
-accuracy (perplexity per method x ratio x strategy, and the original), time (calibration, its physical floor
-= one plain forward pass over as many tokens, factorisation per method for the first and each further
-ratio), and numerical stability (the paper's Table 5, FP32). Writes benchmark.json (results + protocol +
+accuracy (perplexity per method x ratio x strategy, and the original; global ranks and `--compensate` for
+Swift-SVD only), time (calibration, its physical floor = one plain forward pass over as many tokens,
+factorisation per method for the first and each further ratio, each compensated pass as a multiple of the
+calibration), and numerical stability (the paper's Table 5, FP32). Writes benchmark.json (results + protocol +
 machine), README.md (tables) and PNG plots.
 
 Uses only swiftsvd's public surface (tests/test_layout.py checks it): the Python API (`swiftsvd_cli`), the math
@@ -65,7 +67,7 @@ from swiftsvd_cli.model.architectures import ArchSpec, arch_for, decoder_layers,
 console = Console()
 ROOT = Path(__file__).resolve().parents[1]
 RATIOS = (0.8, 0.6, 0.4)
-STRATEGIES = (Strategy.UNIFORM, Strategy.DYNAMIC)
+STRATEGIES = (Strategy.UNIFORM, Strategy.DYNAMIC, Strategy.GLOBAL)
 METHODS = tuple(Method)
 LABELS = {
     Method.SWIFT: "Swift-SVD",
@@ -74,6 +76,7 @@ LABELS = {
     Method.SVD_LLM: "SVD-LLM (released precisions)",
     Method.SVD_LLM_FP64: "SVD-LLM whitening in float64 (ours)",
 }
+COMPENSATED = "swift-compensated"  # Swift-SVD with --compensate: factors fitted to the compressed path's inputs
 OWN_ALLOCATION = {method: Strategy.UNIFORM for method in METHODS} | {Method.SWIFT: Strategy.DYNAMIC}
 """The headline table gives each method its own allocation: Swift-SVD the paper's Algorithm 2, SVD-LLM uniform
 ranks as the paper's "SVD-LLM (W)" row; ASVD's own sensitivity-based rank search is not reproduced, so it gets
@@ -260,31 +263,39 @@ def evaluate_plans(
     original: dict[str, float] | None = None,
     on_row: Callable[[list[dict[str, Any]]], None] = lambda rows: None,
 ) -> list[dict[str, Any]]:
-    """Perplexity of the original and of every (method, ratio, strategy): a merged (dense W' = A B) checkpoint each."""
+    """Perplexity of the original and of every (method, ratio, strategy): a merged (dense W' = A B) checkpoint each;
+    and of Swift-SVD `--compensate`d on every plan. Global plans and compensation are Swift-SVD's alone."""
     original = original or perplexities(args.model, args, texts)
     rows: list[dict[str, Any]] = [{"method": "original", "ratio": 1.0, "strategy": None, **original}]
     scratch = args.work.parent / "checkpoints"
     for (ratio, strategy), (plan, path) in plans.items():
-        for method in METHODS:
+        variants = [(method, False) for method in METHODS if strategy != Strategy.GLOBAL or method == Method.SWIFT]
+        for method, compensated in [*variants, (Method.SWIFT, True)]:
             start = time.perf_counter()
-            out = scratch / f"{method}-{ratio}-{strategy}"
+            label = COMPENSATED if compensated else str(method)
+            out = scratch / f"{label}-{ratio}-{strategy}"
             source = ModelSource(args.model, dtype=DType.FLOAT32, device="cpu")
-            compress(CompressOptions(source=source, out=out, plan=path, method=method, merge=True))
+            options = CompressOptions(
+                source=source, out=out, plan=path, method=method, merge=True, compensate=compensated
+            )
+            done = compress(options).compensation
             values = perplexities(str(out), args, texts)
             shutil.rmtree(out)
+            extra = {} if done is None else {"compensation_s": done.seconds, "damped": len(done.damping)}
             rows.append(
                 {
-                    "method": str(method),
+                    "method": label,
                     "ratio": ratio,
                     "strategy": str(strategy),
                     "achieved_ratio": plan.achieved_ratio,
                     "alpha": plan.alpha,
                     **values,
                     "seconds": time.perf_counter() - start,
+                    **extra,
                 }
             )
             console.print(
-                f"  {method:>16} rho={ratio} {strategy:>7}: " + ", ".join(f"{k} {v:.6g}" for k, v in values.items())
+                f"  {label:>17} rho={ratio} {strategy:>7}: " + ", ".join(f"{k} {v:.6g}" for k, v in values.items())
             )
             on_row(rows)
     return rows
@@ -298,7 +309,12 @@ def acceptance(rows: list[dict[str, Any]], times: dict[str, Any], stability: lis
             r["ppl_eval"] for r in rows if (r["method"], r["ratio"], r["strategy"]) == (method, ratio, strategy)
         )
 
-    keys = {(r["ratio"], r["strategy"]) for r in rows if r["strategy"] is not None}
+    keys = {(r["ratio"], r["strategy"]) for r in rows if r["strategy"] not in (None, Strategy.GLOBAL)}
+    compensated = {
+        f"{ratio}/{strategy}": ppl(COMPENSATED, ratio, strategy) <= 0.85 * ppl("swift", ratio, strategy)
+        for ratio, strategy in sorted(keys)
+        if ratio in (0.8, 0.6)
+    }
     vs_svd_llm = {
         f"{ratio}/{strategy}": ppl("swift", ratio, strategy) <= 1.005 * ppl("svd-llm", ratio, strategy)
         for ratio, strategy in sorted(keys)
@@ -320,7 +336,29 @@ def acceptance(rows: list[dict[str, Any]], times: dict[str, Any], stability: lis
         "swift_factorisation_at_least_2x_faster": times["swift_speedup_total"] >= 2.0,
         "swift_next_ratios_at_least_10x_cheaper": bool(nexts) and times["swift"]["first_over_next"] >= 10.0,
         "stability_swift_at_minimum_fp32": all(abs(s["swift_relative"]) < 1e-5 for s in stability),
+        "compensated_at_most_0.85x_one_pass": compensated,
     }
+
+
+def variants_markdown(rows: list[dict[str, Any]], calibration_s: float) -> list[str]:
+    """Swift-SVD's own variants side by side: strategy x one-pass / compensated, and what compensation costs."""
+    one_pass = {(r["ratio"], r["strategy"]): r for r in rows if r["method"] == "swift"}
+    lines = [
+        "",
+        "## Swift-SVD: uniform / dynamic / global ranks, one-pass / compensated (eval text)",
+        "",
+        "| ρ | strategy | achieved ρ | one-pass | compensated | compensated / one-pass | compensation time "
+        "| x calibration |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted((r for r in rows if r["method"] == COMPENSATED), key=lambda r: (-r["ratio"], r["strategy"])):
+        base = one_pass[(r["ratio"], r["strategy"])]
+        lines.append(
+            f"| {r['ratio']} | {r['strategy']} | {r['achieved_ratio']:.4f} | {base['ppl_eval']:.4g} | "
+            f"{r['ppl_eval']:.4g} | {r['ppl_eval'] / base['ppl_eval']:.3f}x | {r['compensation_s']:.1f} s | "
+            f"{r['compensation_s'] / calibration_s:.2f}x |"
+        )
+    return lines
 
 
 def _gap_cell(gap: float | None) -> str:
@@ -338,7 +376,8 @@ def _ppl_table(rows: list[dict[str, Any]], ratios: list[float], keys: list[tuple
     for method, strategy in keys:
         values = {r["ratio"]: r["ppl_eval"] for r in rows[1:] if (r["method"], r["strategy"]) == (method, strategy)}
         cells = " | ".join(f"{values[r]:.4g}" for r in ratios)
-        lines.append(f"| {LABELS[Method(method)]} | {strategy} | {cells} |")
+        label = "Swift-SVD compensated" if method == COMPENSATED else LABELS[Method(method)]
+        lines.append(f"| {label} | {strategy} | {cells} |")
     return lines
 
 
@@ -393,6 +432,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         *_ppl_table(rows, protocol["ratios"], list(dict.fromkeys((r["method"], r["strategy"]) for r in rows[1:]))),
     ]
+    lines += variants_markdown(rows, times["calibration_s"])
     lines += [
         "",
         "## Time (seconds, same process, same cache)",
@@ -558,6 +598,10 @@ def main(argv: list[str] | None = None) -> int:
             "perplexity (never the eval text), scored with Swift-SVD factors; the same plan is used for every method",
             "headline": {str(method): str(OWN_ALLOCATION[method]) for method in METHODS},
             "methods": {str(method): label for method, label in LABELS.items()},
+            "global": "eigen-directions across all matrices by importance-weighted relative loss per parameter, "
+            "each matrix keeping delta x its uniform rank (Swift-SVD only)",
+            "compensated": "compress --compensate --merge on the same plan: factors fitted layer by layer to the "
+            "compressed path's inputs on the calibration windows (Swift-SVD only)",
             "timing": "uniform ranks, float64, Grams in memory; Swift-SVD's eigendecompositions charged to ratio 1",
             "quick": args.quick,
         },

@@ -28,10 +28,15 @@ def test_quick_benchmark_writes_results(tiny_llama_dir: Path, tiny_text_file: Pa
     methods = {(row["method"], row["strategy"]) for row in result["perplexity"]}
     for method in ("swift", "svd", "asvd", "svd-llm", "svd-llm-fp64"):
         assert {(method, "uniform"), (method, "dynamic")} <= methods
-    assert len(result["perplexity"]) == 1 + 3 * 2 * 5  # original + ratios x strategies x methods
+    assert {("swift", "global")} | {("swift-compensated", s) for s in ("uniform", "dynamic", "global")} <= methods
+    # original + ratios x (2 strategies x 5 methods + global + 3 compensated)
+    assert len(result["perplexity"]) == 1 + 3 * (2 * 5 + 1 + 3)
     assert (
         result["protocol"]["headline"]["svd-llm"] == "uniform" and result["protocol"]["headline"]["swift"] == "dynamic"
     )
+    compensated = [row for row in result["perplexity"] if row["method"] == "swift-compensated"]
+    assert all(row["compensation_s"] > 0 for row in compensated)
+    assert "compensated / one-pass" in (out / "README.md").read_text()
     assert set(result["timing"]["factorisation"]["swift"]) >= {"per_ratio_s", "first_ratio_s", "next_ratio_s"}
     assert result["timing"]["forward_floor_s"] > 0 and result["stability"]
     for name in result["figures"]:
