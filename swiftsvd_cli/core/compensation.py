@@ -85,16 +85,18 @@ def damped_cholesky(G_hat: Tensor, floor: float = 0.0) -> tuple[Tensor, Tensor, 
     one means Ĝ has directions under the inputs' rounding noise (`noise_floor`), where an undamped inverse
     would amplify noise; then μ = floor, and up `DAMPING_LADDER`. ValueError if even μ = 1 fails (NaN/inf).
     """
-    G = (G_hat.to(dtype=SVD_PRECISION) + G_hat.to(dtype=SVD_PRECISION).T) * 0.5  # (n, n)
+    G = G_hat.to(dtype=SVD_PRECISION)
+    G = torch.add(G, G.T).mul_(0.5)  # (n, n), one new buffer: damped in place below
     scale = float(torch.diagonal(G).mean()) if G.numel() else 0.0
     scale = scale if scale > 0 else 1.0  # an all-zero Ĝ: any μ > 0 gives W_ls = 0, the right answer
-    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    added = 0.0
     for relative in (0.0, *([floor] if floor > 0 else []), *(r for r in DAMPING_LADDER if r > floor)):
-        G_d = G + (relative * scale) * eye if relative else G
-        L, info = torch.linalg.cholesky_ex(G_d)
+        torch.diagonal(G).add_((relative - added) * scale)
+        added = relative
+        L, info = torch.linalg.cholesky_ex(G)
         # L_ii² ≥ λ_min(Ĝ + μ I) ≥ μ in exact arithmetic; the half leaves room for rounding at μ = floor.
         if int(info) == 0 and (G.numel() == 0 or float(torch.diagonal(L).square().min()) >= floor * scale * 0.5):
-            return L, G_d, relative
+            return L, G, relative
     raise ValueError("the compressed-path Gram has no Cholesky factor even with damping 1.0 (non-finite inputs?)")
 
 
@@ -120,6 +122,7 @@ def compensated_factors(
         name: torch.cholesky_solve(T[name].to(dtype=SVD_PRECISION).T, L).T  # (m, n) = T (Ĝ + μ I)⁻¹
         for name in ranks
     }
+    del L  # n² float64 less while the eigenbases are computed
     bases = group_eigenbases(W_ls, G_d, ks=ranks)
     factors = {name: factorize(W, bases[name].vectors, ranks[name]) for name, W in W_ls.items()}
     return CompensatedFactors(factors=factors, damping=relative)

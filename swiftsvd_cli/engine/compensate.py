@@ -7,10 +7,13 @@ T = W X X̂ᵀ where the linears' outputs are narrower than their input: down_pr
 regression of `core.compensation` and install the factors in the copy before the next group runs, so every
 later input already sees them. The copy then replaces the layer and both hidden-state streams move on.
 
-Memory: one decoder layer and its copy on the device, the two streams of hidden states on the CPU. Per group
-Ĝ (n²) plus min(n², Σ m n) cross terms and the Cholesky factor, in float64 (Llama-2-7B down_proj: Ĝ and L
-0.97 GB each, T 0.36 GB; Llama-2-70B: 6.6 GB each and 1.9 GB). The sums are plain sums over tokens: a
-data-parallel run all-reduces `GroupSums` before `solve`, nothing else changes.
+Memory: one decoder layer and its copy on the device, the two streams of hidden states on the CPU (2x what
+calibration holds). The solve of the widest group holds Ĝ, its symmetrised/damped copy and the Cholesky factor
+(3 n² float64) plus T and W_ls (2 m n): down_proj is 3.6 GB at Llama-2-7B (n = 11008, m = 4096) and 24 GB at
+Llama-2-70B (n = 28672, m = 8192); the cross term is summed on the output side there (m n, not n²). The sums are
+plain sums over tokens: a data-parallel run all-reduces `GroupSums` before `solve`, nothing else changes.
+Time: per layer, each group's pass runs both layers only up to that group's input, plus one full pass of each
+to move the streams on; the extra float64 work is Ĝ and the cross term, about twice calibration's Gram.
 Ratio-specific (it depends on the compressed prefix), so nothing here is written to the calibration cache.
 """
 
