@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -42,7 +42,7 @@ from swiftsvd_cli.engine.factors import Factors, RankMap
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.log import progress
 from swiftsvd_cli.model.architectures import ArchSpec, decoder_layers, target_linears
-from swiftsvd_cli.model.layerwise import LayerInputs, capture_first_layer_inputs, layer_output, to_device
+from swiftsvd_cli.model.layerwise import LayerInputs, capture_first_layer_inputs, iterate_batches, layer_output
 
 logger = logging.getLogger("swiftsvd")
 Install = Callable[[nn.Module, dict[str, nn.Linear], Factors], None]
@@ -102,14 +102,6 @@ def _input_of(layer: nn.Module, module: nn.Module, hidden: torch.Tensor, kwargs:
     return seen[0]
 
 
-def _batches(
-    original: LayerInputs, compressed: LayerInputs, device: str
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, dict[str, Any]]]:
-    """(batch, original hidden, compressed hidden, layer kwargs) on `device`; both streams share the kwargs."""
-    for index, kwargs in enumerate(original.kwargs):
-        yield index, original.hidden[index].to(device), compressed.hidden[index].to(device), to_device(kwargs, device)
-
-
 def group_sums(
     layer: nn.Module,
     twin: nn.Module,
@@ -130,7 +122,8 @@ def group_sums(
     shapes = {name: (w.shape[0], n) for name, w in W.items()} if output_side else {SHARED: (n, n)}
     cross = {key: torch.zeros(shape, dtype=SVD_PRECISION, device=device) for key, shape in shapes.items()}
     tokens = 0
-    for _, hidden, hidden_hat, kwargs in _batches(original, compressed, device):
+    for index, hidden, kwargs in iterate_batches(original, device):  # both streams share the layer kwargs
+        hidden_hat = compressed.hidden[index].to(device)
         x = _input_of(layer, layer.get_submodule(reader), hidden, kwargs)  # same input for the whole group
         x_hat = _input_of(twin, twin.get_submodule(reader), hidden_hat, kwargs)
         tokens += accumulate_gram(G_hat, x_hat)
@@ -156,8 +149,8 @@ def solve(linears: dict[str, nn.Linear], sums: GroupSums, ranks: dict[str, int],
 
 def _advance(layer: nn.Module, inputs: LayerInputs, device: str) -> None:
     """Replace each batch's hidden states by `layer`'s output (kept on the CPU)."""
-    for index, kwargs in enumerate(inputs.kwargs):
-        inputs.hidden[index] = layer_output(layer, inputs.hidden[index].to(device), to_device(kwargs, device)).cpu()
+    for index, hidden, kwargs in iterate_batches(inputs, device):
+        inputs.hidden[index] = layer_output(layer, hidden, kwargs).cpu()
 
 
 @torch.no_grad()
