@@ -31,7 +31,7 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
-ONE_SHOT = "One shot (--ratio or --bytes-ratio)"  # help panel of the one shot's own options; refused with --plan
+ONE_SHOT = "One shot (--ratio, --bytes-ratio or --target-ppl)"  # help panel of one-shot options, refused with --plan
 DEMO_DEFAULT = "demo: configs/demo.yaml's"
 
 

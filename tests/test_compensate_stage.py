@@ -88,13 +88,13 @@ def test_factors_reach_the_minimum_on_the_compressed_paths_inputs(setup: dict[st
     assert len(damped) < len(names) / 2
     gains = []
     for name in names:
-        W = original.get_submodule(name).weight.double()
+        W = original.get_submodule(name).weight.detach().double()
         Y = W @ X[name].T  # (m, N)
         module, baseline = compensated.get_submodule(name), one_pass.get_submodule(name)
         assert isinstance(module, LowRankLinear) and isinstance(baseline, LowRankLinear)
 
         def loss(factored: LowRankLinear, Y: torch.Tensor = Y, X_hat: torch.Tensor = X_hat[name]) -> float:
-            W_k = factored.A.weight.double() @ factored.B.weight.double()
+            W_k = factored.A.weight.detach().double() @ factored.B.weight.detach().double()
             return float(((Y - W_k @ X_hat.T) ** 2).sum())
 
         if name not in damped:  # a damped Ĝ is the ridge problem's optimum, not this one's
