@@ -142,11 +142,12 @@ def check_target(
         for flag, value in (("--ratio", ratio), ("--bytes-ratio", bytes_ratio), ("--target-ppl", target_ppl))
         if value is not None
     ]
-    if len(given) != 1:
+    if not given:
         raise SwiftSVDError(
-            "give exactly one of --ratio (parameters kept), --bytes-ratio (bytes kept) or --target-ppl (validation "
-            f"perplexity): {' and '.join(given) + ' both replace --ratio' if given else 'none was given'}"
+            "give one of --ratio (parameters kept), --bytes-ratio (bytes kept) or --target-ppl (validation perplexity)"
         )
+    if len(given) > 1:
+        raise SwiftSVDError(f"{' and '.join(given)} each choose the ratio: give only one of them")
     if ratio is not None:
         check_ratio(ratio)
     elif bytes_ratio is not None and not 0.0 < bytes_ratio <= 1.0:
