@@ -1,10 +1,14 @@
-"""`--target-ppl`'s bisection (core/search.py): right answer, bounded number of evaluations, clear failure."""
+"""The ratio searches (core/search.py): `--target-ppl`'s and `--bytes-ratio`'s bisection, one `boundary` for both:
+right answer against brute force, bounded number of evaluations, clear failure."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from swiftsvd_cli.core.search import max_steps, smallest_ratio
+from swiftsvd_cli.core.allocation import RATIO_GRID, largest_fitting_ratio
+from swiftsvd_cli.core.search import boundary, max_steps, smallest_ratio
 
 
 def counting(metric):  # noqa: ANN001, ANN201
@@ -53,3 +57,34 @@ def test_non_monotone_metric_still_meets_the_target_in_bounded_steps() -> None:
 def test_step_must_divide_one() -> None:
     with pytest.raises(ValueError, match="divide"):
         smallest_ratio(lambda ratio: 1.0, 2.0, step=0.3)
+
+
+@pytest.mark.parametrize("switch", [1, 2, 37, 63, 64])
+def test_boundary_either_direction_against_brute_force(switch: int) -> None:
+    asked: list[int] = []
+
+    def at_least(index: int) -> bool:  # holds from `switch` up
+        asked.append(index)
+        return index >= switch
+
+    assert boundary(at_least, fails=0, holding=64) == min(i for i in range(1, 65) if i >= switch)
+    assert len(asked) <= 6 and 0 not in asked and 64 not in asked
+    below = boundary(lambda index: index < switch, fails=64, holding=0)  # holds below `switch`
+    assert below == max(i for i in range(64) if i < switch)
+
+
+@pytest.mark.parametrize("budget", [0, 9, 4567, 9990, 10_000])
+def test_largest_fitting_ratio_finds_the_last_step_that_fits(budget: int) -> None:
+    calls: list[float] = []
+
+    def bytes_at(ratio: float) -> int:  # a plan's bytes: a step function growing with ρ
+        calls.append(ratio)
+        return 10 * math.floor(1000 * ratio)
+
+    found = largest_fitting_ratio(bytes_at, budget)
+    assert found is not None and bytes_at(found) <= budget
+    if found < 1.0:
+        assert bytes_at(found + 1 / RATIO_GRID) > budget  # the next grid point does not fit
+        assert found == pytest.approx((budget // 10 + 1) / 1000, abs=2 / RATIO_GRID)
+    assert len(calls) <= 2 + 53 + 2
+    assert largest_fitting_ratio(lambda ratio: 5 + int(ratio), 4) is None  # not even ρ = 0 fits

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from swiftsvd_cli.core.linalg import RANK_FLOOR_SLACK, break_even_rank, loss_at_rank, uniform_rank
+from swiftsvd_cli.core.search import boundary
 
 
 def matrix_kind(module: str) -> str:
@@ -157,27 +158,22 @@ def reference_bytes(shapes: Iterable[tuple[int, int]]) -> int:
     return sum(REFERENCE_BITS // 8 * m * n for m, n in shapes)
 
 
-def largest_fitting_ratio(bytes_at: Callable[[float], int], budget: float, steps: int = 64) -> float | None:
+RATIO_GRID = 2**53
+"""`--bytes-ratio` bisects ρ over {i / 2^53}: every point exact in float64, far finer than any plan's steps."""
+
+
+def largest_fitting_ratio(bytes_at: Callable[[float], int], budget: float) -> float | None:
     """The largest kept ratio ρ in [0, 1] whose plan's bytes `bytes_at(ρ)` stay within `budget`.
 
     Plans are step functions of ρ whose bytes grow with ρ (ranks only grow, and a module turns dense only
-    when its factors would cost as much), so bisection finds the last step that fits; 64 halvings resolve
-    ρ below float precision. None if even ρ = 0 does not fit.
+    when its factors would cost as much), so bisection finds the last step that fits, to 2^-53 (53 calls).
+    None if even ρ = 0 does not fit.
     """
     if bytes_at(1.0) <= budget:
         return 1.0
     if bytes_at(0.0) > budget:
         return None
-    lo, hi = 0.0, 1.0
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        if mid in (lo, hi):
-            break
-        if bytes_at(mid) <= budget:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return boundary(lambda index: bytes_at(index / RATIO_GRID) <= budget, fails=RATIO_GRID, holding=0) / RATIO_GRID
 
 
 @dataclass(frozen=True)

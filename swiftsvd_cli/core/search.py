@@ -1,6 +1,8 @@
-"""`--target-ppl`: the smallest kept ratio whose validation perplexity meets a target, by bounded bisection.
+"""Searches over the kept ratio ρ: bisection of a monotone predicate over a grid of ratios.
 
-Pure control flow: the caller's `metric(ρ)` allocates and evaluates; this module only decides which ρ to try.
+`--bytes-ratio` wants the largest ρ whose plan fits a byte budget, `--target-ppl` the smallest whose validation
+perplexity meets a target: both are `boundary` over grid indices. Pure control flow: the caller's functions
+allocate, count bytes or evaluate; this module only decides which ρ to try.
 """
 
 from __future__ import annotations
@@ -20,6 +22,22 @@ class RatioSearch:
     steps: list[tuple[float, float]] = field(default_factory=list)  # (ρ, metric) in the order evaluated
 
 
+def boundary(holds: Callable[[int], bool], fails: int, holding: int) -> int:
+    """The grid index next to where a monotone predicate switches, on the side where it holds.
+
+    `holds(holding)` is known true and `holds(fails)` false (neither is asked); `holding` may lie above or below
+    `fails`. Bisection asks `holds` at most ⌈log2 |holding − fails|⌉ times; if `holds` is not monotone, the
+    answer still holds and its neighbour towards `fails` does not.
+    """
+    while abs(holding - fails) > 1:
+        mid = (holding + fails) // 2
+        if holds(mid):
+            holding = mid
+        else:
+            fails = mid
+    return holding
+
+
 def max_steps(step: float) -> int:
     """Evaluations `smallest_ratio` makes at most: ρ = 1.0, then a bisection over the 1/step grid points."""
     return 1 + math.ceil(math.log2(round(1 / step)))
@@ -29,30 +47,23 @@ def smallest_ratio(metric: Callable[[float], float], target: float, step: float 
     """Smallest ρ on the grid {step, 2·step, …, 1} with metric(ρ) ≤ target, in at most `max_steps(step)` calls.
 
     ρ = 1.0 keeps every matrix dense (the original model): if it misses the target nothing can meet it, and
-    the search stops there. Otherwise bisection keeps `hi` feasible and `lo` infeasible (ρ = 0 counts as
-    infeasible), so the answer always meets the target; if the metric is not monotone in ρ it is a feasible ρ
-    whose lower neighbour on the grid is not, rather than the global smallest.
+    the search stops there. Otherwise `boundary` bisects between ρ = 1 and ρ = 0 (counted as missing the
+    target), so the answer always meets the target; if the metric is not monotone in ρ it is a ρ that meets it
+    whose lower neighbour on the grid does not, rather than the global smallest.
     """
     points = round(1 / step)
     if points < 1 or not math.isclose(points * step, 1.0):
         raise ValueError(f"step {step} must divide 1")
-    steps: list[tuple[float, float]] = []
+    values: dict[int, float] = {}  # grid index -> metric, in the order evaluated
 
     def evaluate(index: int) -> float:
-        ratio = round(index * step, 10)
-        value = metric(ratio)
-        steps.append((ratio, value))
-        return value
+        values[index] = metric(round(index * step, 10))
+        return values[index]
 
-    best = evaluate(points)
-    if not best <= target:  # also catches NaN
-        return RatioSearch(target, None, best, steps)
-    lo, hi = 0, points
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        value = evaluate(mid)
-        if value <= target:
-            hi, best = mid, value
-        else:
-            lo = mid
-    return RatioSearch(target, round(hi * step, 10), best, steps)
+    def steps() -> list[tuple[float, float]]:
+        return [(round(index * step, 10), value) for index, value in values.items()]
+
+    if not evaluate(points) <= target:  # also catches NaN
+        return RatioSearch(target, None, values[points], steps())
+    found = boundary(lambda index: evaluate(index) <= target, fails=0, holding=points)
+    return RatioSearch(target, round(found * step, 10), values[found], steps())
