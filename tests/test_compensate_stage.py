@@ -24,6 +24,7 @@ from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.model.architectures import LLAMA
 from swiftsvd_cli.model.checkpoint import load_compressed
 from swiftsvd_cli.model.hf.lowrank import LowRankLinear
+from swiftsvd_cli.model.hf.qlinear import Int8Linear
 from swiftsvd_cli.model.loading import ModelSource
 from swiftsvd_cli.stages.compress import CompressOptions, run_compress
 from tests.conftest import calibrated_plan
@@ -146,3 +147,40 @@ def test_refusals(setup: dict[str, Path], tmp_path: Path) -> None:
         )
     result = CliRunner().invoke(app, ["compress", "--help"])
     assert "Ratio-specific" in result.output and "--compensate" in result.output
+
+
+def test_int8_factors_are_fitted_to_the_int8_layers_inputs(setup: dict[str, Path], tmp_path: Path) -> None:
+    """--compensate composes with --factor-dtype int8: every factor stored int8, and on the inputs the int8
+    checkpoint really feeds each matrix its dequantised factors come within a few percent of the reduced-rank
+    minimum, below the one-pass int8 factors' (up to 1.2x and more above it)."""
+    source = ModelSource(str(setup["model"]), "float32", "cpu")
+    for name, compensate in (("int8", True), ("int8_one_pass", False)):
+        run_compress(
+            CompressOptions(source, tmp_path / name, setup["plan"], compensate=compensate, factor_dtype="int8")
+        )
+    compensated, tokenizer = load_compressed(tmp_path / "int8", dtype="float32")
+    one_pass, _ = load_compressed(tmp_path / "int8_one_pass", dtype="float32")
+    original = AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32).eval()
+    settings = CalibrationManifest.load(setup["work"]).settings
+    ids = tokenize(tokenizer, load_text(settings.data, "train").text)
+    windows = calibration_windows(ids, settings.samples, settings.seqlen, settings.seed)
+    plan = RankPlan.load(setup["plan"])
+    names = [f"{LLAMA.layers}.{p.layer}.{p.module}" for p in plan.modules if not p.dense]
+    X, X_hat = module_inputs(original, windows, names), module_inputs(compensated, windows, names)
+    section = json.loads((tmp_path / "int8" / "config.json").read_text())["swiftsvd"]
+    assert section["factor_dtype"] == "int8" and section["compensation"]["ratio_specific"] is True
+    ratios = []
+    for name in names:
+        module, baseline = compensated.get_submodule(name), one_pass.get_submodule(name)
+        assert isinstance(module.A, Int8Linear) and isinstance(module.B, Int8Linear), name
+        Y = original.get_submodule(name).weight.detach().double() @ X[name].T
+
+        def loss(factored: torch.nn.Module, Y: torch.Tensor = Y, X_hat: torch.Tensor = X_hat[name]) -> float:
+            W_k = factored.A.dequantize().double() @ factored.B.dequantize().double()
+            return float(((Y - W_k @ X_hat.T) ** 2).sum())
+
+        minimum = reference_minimum(Y, X_hat[name].T, int(module.rank))
+        ratios.append((loss(module) / minimum, loss(baseline) / minimum))
+    assert all(mine <= 1.05 for mine, _ in ratios)  # the rest: int8 rounding of the factors (and damping)
+    assert all(mine < theirs for mine, theirs in ratios[3:])  # after layer 0's q/k/v, where X̂ = X
+    assert max(theirs for _, theirs in ratios) > 1.2
