@@ -44,13 +44,19 @@ def _from_version_2(data: dict[str, Any]) -> dict[str, Any]:
     return data | {"format_version": 3, "validation": {}}
 
 
+def _from_version_3(data: dict[str, Any]) -> dict[str, Any]:
+    """Format 3 had no compensation record: nothing before it was error-compensated."""
+    return data | {"format_version": 4, "compensation": None}
+
+
 @dataclass(frozen=True)
 class CompressedSection(Artifact):
     KIND: ClassVar[str] = "compressed"
-    FORMAT_VERSION: ClassVar[int] = 3  # 2: own model_type, shipped code, options, provenance; 3: validation
+    FORMAT_VERSION: ClassVar[int] = 4  # 2: own model_type, shipped code, options, provenance; 3: validation;
+    # 4: compensation
     TITLE: ClassVar[str] = "compressed-model section"
     REMEDY: ClassVar[str] = "compress the model again with this swiftsvd (`swiftsvd compress`)"
-    UPGRADES: ClassVar[dict[int, Upgrade]] = {1: _from_version_1, 2: _from_version_2}
+    UPGRADES: ClassVar[dict[int, Upgrade]] = {1: _from_version_1, 2: _from_version_2, 3: _from_version_3}
 
     method: str
     merged: bool  # True: a plain dense checkpoint (W' = A B written back), no factored modules

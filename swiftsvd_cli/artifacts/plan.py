@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from swiftsvd_cli.artifacts.format import Artifact, load_artifact
+from swiftsvd_cli.artifacts.format import Artifact, Upgrade, load_artifact
 from swiftsvd_cli.artifacts.manifest import ModelInfo
 from swiftsvd_cli.artifacts.provenance import Provenance
 from swiftsvd_cli.core.allocation import matrix_kind, parameter_count
@@ -37,10 +37,16 @@ class ModulePlan:
         return parameter_count(self.m, self.n, self.rank)
 
 
+def _from_version_2(data: dict[str, Any]) -> dict[str, Any]:
+    """Format 2 plans were sized by --ratio or --bytes-ratio: no --target-ppl record."""
+    return data | {"format_version": 3, "target": {}}
+
+
 @dataclass(frozen=True)
 class RankPlan(Artifact):
     KIND: ClassVar[str] = "plan"
-    FORMAT_VERSION: ClassVar[int] = 2  # 2: own version, resolved options and provenance
+    FORMAT_VERSION: ClassVar[int] = 3  # 2: own version, resolved options and provenance; 3: --target-ppl record
+    UPGRADES: ClassVar[dict[int, Upgrade]] = {2: _from_version_2}
     TITLE: ClassVar[str] = "rank plan"
     REMEDY: ClassVar[str] = "make it again with `swiftsvd allocate`"
 
