@@ -99,7 +99,7 @@ def test_one_shot_options_with_a_plan_are_one_line_errors(tmp_path: Path) -> Non
         assert result.exit_code == 1, (option, result.output)
         assert (
             result.output.strip()
-            == f"error: {option} only apply to the one shot (--ratio or --bytes-ratio), not to --plan"
+            == f"error: {option} only apply to the one shot (--ratio, --bytes-ratio or --target-ppl), not to --plan"
         )
 
 

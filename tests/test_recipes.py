@@ -92,7 +92,7 @@ def test_unknown_key_and_bad_value_are_one_line_errors(tmp_path: Path) -> None:
     assert len(result.output.strip().splitlines()) == 1  # one line, no traceback
     recipe.write_text("strategy: dynamc\n")
     result = runner.invoke(app, ["allocate", str(tmp_path), "--ratio", "0.5", "--config", str(recipe)])
-    assert result.exit_code == 1 and "strategy must be one of dynamic, uniform, not 'dynamc'" in result.output
+    assert result.exit_code == 1 and "strategy must be one of dynamic, uniform, global, not 'dynamc'" in result.output
     result = runner.invoke(app, ["allocate", str(tmp_path), "--ratio", "0.5", "--config", "nosuch"])
     assert result.exit_code == 1 and "recipes: demo, llama-2-7b" in result.output
 
