@@ -2,10 +2,10 @@
 
 Layers, lowest first: `core` (torch and the standard library only) < `artifacts` < `data` < `model` < `metrics`
 < `engine` < `figures` < `stages` < `tables` (it renders stage results) < `cli`. A module may import its own
-package and lower layers (`errors`, `log`, `config`, `recipes` and the package root's `__version__` are below
-everything but `core`). Only `stages.pipeline` composes stages; nothing imports `cli` but `__main__`. The modeling
-code shipped inside checkpoints (`model/hf`) imports only torch, transformers, the standard library and itself.
-The benchmark script uses only the public surface (`PUBLIC`).
+package and lower layers (`errors`, `log`, `config`, `recipes`, `distributed` and the package root's
+`__version__` are below everything but `core`). Only `stages.pipeline` composes stages; nothing imports `cli` but
+`__main__`. The modeling code shipped inside checkpoints (`model/hf`) imports only torch, transformers, the
+standard library and itself. The benchmark script uses only the public surface (`PUBLIC`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ LAYERS = {
     "log": 1,
     "config": 2,
     "recipes": 2,
+    "distributed": 2,
     "artifacts": 3,
     "data": 4,
     "model": 5,
