@@ -45,9 +45,10 @@ def _atomic_write(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600 would make shared artifacts unreadable to teammates
     try:
         write(Path(tmp))
+        # after the write: mkstemp's 0600 (and safetensors' own re-created file) would hide artifacts from teammates
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

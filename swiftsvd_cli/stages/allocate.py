@@ -24,6 +24,7 @@ import torch
 
 from swiftsvd_cli.artifacts.eigen import INDEX
 from swiftsvd_cli.artifacts.format import jsonable
+from swiftsvd_cli.artifacts.lock import work_lock
 from swiftsvd_cli.artifacts.manifest import MANIFEST, CalibrationManifest, load_complete_manifest
 from swiftsvd_cli.artifacts.plan import ModulePlan, RankPlan
 from swiftsvd_cli.artifacts.provenance import make_provenance
@@ -173,6 +174,11 @@ def run_allocate(options: AllocateOptions) -> AllocationResult:
         raise SwiftSVDError(f"--alpha {options.alpha} is outside [0, 1]")
     if not 0.0 <= options.delta <= 1.0:
         raise SwiftSVDError(f"--delta {options.delta} is outside [0, 1]")
+    with work_lock(options.work):
+        return _allocate(options, strategy, factor_dtype)
+
+
+def _allocate(options: AllocateOptions, strategy: Strategy, factor_dtype: FactorDType | None) -> AllocationResult:
     start = time.perf_counter()
     work = options.work
     manifest = load_complete_manifest(work)

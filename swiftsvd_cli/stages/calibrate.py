@@ -19,6 +19,7 @@ from torch import nn
 
 from swiftsvd_cli.artifacts import store
 from swiftsvd_cli.artifacts.format import VersionMismatchError, jsonable
+from swiftsvd_cli.artifacts.lock import work_lock
 from swiftsvd_cli.artifacts.manifest import MANIFEST, CalibrationManifest, CalibrationSettings, LayerRecord, ModelInfo
 from swiftsvd_cli.artifacts.provenance import make_provenance
 from swiftsvd_cli.config import BATCH_SIZE, DATA, SAMPLER, SAMPLES, SEED, SEQLEN, Sampler, choice
@@ -165,6 +166,13 @@ def run_calibrate(options: CalibrateOptions) -> CalibrationResult:
     work = options.work
     if work.exists() and not work.is_dir():
         raise SwiftSVDError(f"--out {work} exists and is not a directory")
+    work.mkdir(parents=True, exist_ok=True)
+    with work_lock(work):
+        return _calibrate(options, sampler)
+
+
+def _calibrate(options: CalibrateOptions, sampler: Sampler) -> CalibrationResult:
+    work = options.work
     old = _existing_manifest(work, options.force)  # fail on a corrupt WORK before the (slow) model load
     start = time.perf_counter()
     device = options.source.compute_device
@@ -207,7 +215,6 @@ def run_calibrate(options: CalibrateOptions) -> CalibrationResult:
     ]
     for index in missing:
         manifest = manifest.with_layer(index, None)  # its eigenbasis is invalid too: eigen/index.json records the Gram
-    work.mkdir(parents=True, exist_ok=True)
     manifest.save_to(work)
     if missing:
         manifest = _run_layers(loaded.model, layers, spec, windows, options.batch_size, device, manifest, work, missing)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from swiftsvd_cli.artifacts.lock import work_lock
 from swiftsvd_cli.artifacts.manifest import CalibrationManifest, load_complete_manifest
 from swiftsvd_cli.artifacts.plan import RankPlan
 from swiftsvd_cli.artifacts.store import atomic_write_text
@@ -158,7 +159,8 @@ def run_report(options: ReportOptions) -> ReportResult:
     plan = RankPlan.load(options.plan) if options.plan is not None else None
     if plan is not None and plan.model.fingerprint != manifest.model.fingerprint:
         raise SwiftSVDError(f"plan {options.plan} belongs to another model than {options.work}")
-    calibrated = load_spectra(options.work, manifest, options.model, resolve_device(options.device))
+    with work_lock(options.work):  # may write missing eigenbases into WORK
+        calibrated = load_spectra(options.work, manifest, options.model, resolve_device(options.device))
     spectra, shapes = calibrated.eigenvalues, calibrated.shapes
     importance = manifest.importance()
     out = options.out
