@@ -1,4 +1,4 @@
-"""`python -m swiftsvd_cli` (and `accelerate launch -m swiftsvd_cli`) runs the CLI."""
+"""`python -m swiftsvd_cli` runs the CLI, and so does `torchrun --nproc_per_node N -m swiftsvd_cli` (tested)."""
 
 from swiftsvd_cli.cli import app
 

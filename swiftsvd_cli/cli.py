@@ -166,6 +166,9 @@ def command(*, skip: tuple[str, ...] = ()) -> Callable[[F], F]:
             *args: Any, ctx: typer.Context, config: str | None = None, verbose: bool = False, **kwargs: Any
         ) -> Any:
             setup_logging(verbose=verbose)
+            from swiftsvd_cli import distributed
+
+            console.quiet = not distributed.is_main()  # under a launcher one process speaks (its errors are everyone's)
             try:
                 if config is not None:
                     recipe = load_recipe(config)

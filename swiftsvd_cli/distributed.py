@@ -118,15 +118,25 @@ def sum_over_processes(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return summed
 
 
-def gather(value: T) -> list[T]:
-    """Every process's `value` (a picklable object), in rank order, on every process."""
+def everyone(work: Callable[[], T]) -> list[T]:
+    """`work()` run by every process; every process's result, in rank order, on every process.
+
+    A SwiftSVDError in any process is raised by all of them: none waits in a collective for one that stopped.
+    """
     if state() is None:
-        return [value]
+        return [work()]
     import torch.distributed as dist
 
-    values: list[Any] = [None] * world_size()
-    dist.all_gather_object(values, value)
-    return values
+    try:
+        mine: tuple[Any, str | None] = (work(), None)
+    except SwiftSVDError as error:
+        mine = (None, str(error))
+    results: list[Any] = [None] * world_size()
+    dist.all_gather_object(results, mine)
+    failures = [message for _, message in results if message is not None]
+    if failures:
+        raise SwiftSVDError(failures[0])
+    return [value for value, _ in results]
 
 
 def main_decides(decide: Callable[[], T]) -> T:

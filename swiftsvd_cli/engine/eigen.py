@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from swiftsvd_cli import distributed
 from swiftsvd_cli.artifacts import store
 from swiftsvd_cli.artifacts.eigen import INDEX, EigenIndex, EigenRecord, eigen_shard_name, read_eigenvalues
 from swiftsvd_cli.artifacts.format import VersionMismatchError
@@ -38,6 +39,23 @@ def load_eigen_index(work: Path, manifest: CalibrationManifest) -> EigenIndex:
     return EigenIndex(fingerprint=manifest.model.fingerprint, provenance=make_provenance())
 
 
+def layer_cost(spec: ArchSpec, shapes: dict[str, tuple[int, int]]) -> float:
+    """Work of one layer's eigendecompositions: each eigenproblem is min(m, n) wide (eigh is cubic), plus one
+    n × n Gram square root per input group that has a module with m > n."""
+    cost = 0.0
+    for names in spec.groups.values():
+        cost += sum(float(min(shapes[name])) ** 3 for name in names)
+        wide = [shapes[name][1] for name in names if shapes[name][0] > shapes[name][1]]
+        cost += float(wide[0]) ** 3 if wide else 0.0
+    return cost
+
+
+def _merged(index: EigenIndex, records: dict[int, EigenRecord]) -> EigenIndex:
+    for layer, record in records.items():
+        index = index.with_layer(layer, record)
+    return index
+
+
 def ensure_eigenbases(
     work: Path,
     manifest: CalibrationManifest,
@@ -47,27 +65,44 @@ def ensure_eigenbases(
     spec: ArchSpec,
     device: str,
 ) -> EigenIndex:
-    """Compute the eigen shards of the `missing` layers into `index`; return the updated index."""
+    """Compute the eigen shards of the `missing` layers into `index`; return the updated index.
+
+    Under several processes each layer has one owner (balanced by cost): the owner writes its shard, the main
+    process the index once every owner is done. Every process returns the same complete index.
+    """
     layers = decoder_layers(model, spec)
     if index.fingerprint != manifest.model.fingerprint:
         index = EigenIndex(fingerprint=manifest.model.fingerprint, provenance=make_provenance())
-    with progress() as bar:
-        task = bar.add_task("eigendecompositions", total=len(missing))
-        for layer in missing:
-            gram_shard = manifest.layers[layer].shard
-            grams = store.read_shard(work, gram_shard)
-            linears = target_linears(layers[layer], spec)
-            tensors: dict[str, torch.Tensor] = {}
-            for group, names in spec.groups.items():
-                weights = {name: linears[name].weight.detach().to(device) for name in names}
-                bases = group_eigenbases(weights, grams[f"{group}.gram"].to(device))
-                for name, basis in bases.items():
-                    tensors[f"{name}.eigenvalues"] = basis.eigenvalues
-                    tensors[f"{name}.vectors"] = basis.vectors.to(torch.float32)
-            shard = store.write_shard(work, eigen_shard_name(layer), tensors)
-            index = index.with_layer(layer, EigenRecord(shard=shard, gram_sha256=gram_shard.sha256))
-            index.save(work / INDEX)
-            bar.advance(task)
+    owner = distributed.owners([layer_cost(spec, manifest.shapes)] * len(missing), distributed.world_size())
+    mine = [layer for layer, rank in zip(missing, owner, strict=True) if rank == distributed.rank()]
+
+    def compute() -> dict[int, EigenRecord]:
+        records: dict[int, EigenRecord] = {}
+        with progress() as bar:
+            task = bar.add_task("eigendecompositions", total=len(mine))
+            for layer in mine:
+                gram_shard = manifest.layers[layer].shard
+                grams = store.read_shard(work, gram_shard)
+                linears = target_linears(layers[layer], spec)
+                tensors: dict[str, torch.Tensor] = {}
+                for group, names in spec.groups.items():
+                    weights = {name: linears[name].weight.detach().to(device) for name in names}
+                    bases = group_eigenbases(weights, grams[f"{group}.gram"].to(device))
+                    for name, basis in bases.items():
+                        tensors[f"{name}.eigenvalues"] = basis.eigenvalues
+                        tensors[f"{name}.vectors"] = basis.vectors.to(torch.float32)
+                shard = store.write_shard(work, eigen_shard_name(layer), tensors)
+                records[layer] = EigenRecord(shard=shard, gram_sha256=gram_shard.sha256)
+                if distributed.is_main():  # the main process's own layers are resumable at once
+                    _merged(index, records).save(work / INDEX)
+                bar.advance(task)
+        return records
+
+    for records in distributed.everyone(compute):
+        index = _merged(index, records)
+    if distributed.is_main():
+        index.save(work / INDEX)
+    distributed.barrier()  # the index is on disk before any process reads it
     return index
 
 
@@ -97,9 +132,13 @@ class CalibratedSpectra:
 def load_spectra(work: Path, manifest: CalibrationManifest, model: str | None, device: str) -> CalibratedSpectra:
     """Every spectrum of a WORK; the model is loaded only to eigendecompose layers that are not cached yet."""
     spec = arch_for_type(manifest.model.model_type)
-    index = load_eigen_index(work, manifest)
-    valid = set(index.valid_layers(work, manifest))  # hashes each shard once; the reads below only check sizes
-    missing = [layer for layer in range(manifest.model.num_layers) if layer not in valid]
+
+    def cached() -> tuple[EigenIndex, list[int]]:
+        index = load_eigen_index(work, manifest)
+        valid = set(index.valid_layers(work, manifest))  # hashes each shard once; the reads below only check sizes
+        return index, [layer for layer in range(manifest.model.num_layers) if layer not in valid]
+
+    index, missing = distributed.main_decides(cached)  # one view of the cache, before any process writes to it
     loaded = None
     if missing:
         loaded = load_matching_model(manifest, model, device)

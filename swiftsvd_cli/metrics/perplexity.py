@@ -127,11 +127,35 @@ def perplexity(
     predicted = windows * (seqlen - 1)
     mean_nll = nll_sum / predicted
     return PerplexityResult(
-        ppl=math.exp(mean_nll) if mean_nll < _MAX_EXP else math.inf,
+        ppl=_ppl(mean_nll),
         nll=mean_nll,
         predicted_tokens=predicted,
         windows=windows,
         windows_total=windows_total,
         text_tokens=int(ids.numel()),
         seqlen=seqlen,
+    )
+
+
+def _ppl(mean_nll: float) -> float:
+    return math.exp(mean_nll) if mean_nll < _MAX_EXP else math.inf
+
+
+def pooled(parts: list[PerplexityResult]) -> PerplexityResult:
+    """One perplexity over disjoint window sets of one text (the shares of several processes): NLL sums added.
+
+    A single part is returned as it is, so one process reports exactly what `perplexity` computed.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    predicted = sum(part.predicted_tokens for part in parts)
+    mean_nll = math.fsum(part.nll * part.predicted_tokens for part in parts) / predicted
+    return PerplexityResult(
+        ppl=_ppl(mean_nll),
+        nll=mean_nll,
+        predicted_tokens=predicted,
+        windows=sum(part.windows for part in parts),
+        windows_total=sum(part.windows_total for part in parts),
+        text_tokens=sum(part.text_tokens for part in parts),
+        seqlen=parts[0].seqlen,
     )

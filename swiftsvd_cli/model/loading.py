@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from swiftsvd_cli import distributed
 from swiftsvd_cli.artifacts.compressed import MERGED_FILE, load_section
 from swiftsvd_cli.config import DTYPE, DType, check_device
 from swiftsvd_cli.errors import SwiftSVDError
@@ -35,8 +36,11 @@ class LoadedModel:
 
 
 def resolve_device(device: str | None) -> str:
-    """The device a stage computes on: the one asked for (checked), else cuda when available."""
-    return check_device(device) or ("cuda" if torch.cuda.is_available() else "cpu")
+    """The device a stage computes on: the one asked for (checked), else cuda when available.
+
+    Under a launcher, bare `cuda` is this process's own GPU (`cuda:LOCAL_RANK`).
+    """
+    return distributed.local_device(check_device(device) or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def fingerprint(model: torch.nn.Module, config: Any) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from swiftsvd_cli import distributed
 from swiftsvd_cli.artifacts.eigen import INDEX
 from swiftsvd_cli.artifacts.format import jsonable
 from swiftsvd_cli.artifacts.lock import work_lock
@@ -61,7 +62,7 @@ from swiftsvd_cli.engine.eigen import CalibratedSpectra, load_matching_model, lo
 from swiftsvd_cli.engine.factors import FactorSource, RankMap, reconstructed
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.log import progress
-from swiftsvd_cli.metrics.perplexity import perplexity
+from swiftsvd_cli.metrics.perplexity import perplexity, pooled
 from swiftsvd_cli.model.architectures import ArchSpec
 from swiftsvd_cli.model.loading import LoadedModel, resolve_device
 
@@ -184,8 +185,7 @@ def _allocate(options: AllocateOptions, strategy: Strategy, factor_dtype: Factor
     manifest = load_complete_manifest(work)
     name = options.name or options.default_name
     path = work / "plans" / f"{name}.json"
-    if path.exists() and not options.force:
-        raise SwiftSVDError(f"plan {path} exists: pass --force to replace it or --name to write another")
+    distributed.main_decides(lambda: check_new_plan(path, options.force))
     device = resolve_device(options.device)
     calibrated = load_spectra(work, manifest, options.model, device)
     spec, spectra, shapes = calibrated.spec, calibrated.eigenvalues, calibrated.shapes
@@ -252,10 +252,16 @@ def _allocate(options: AllocateOptions, strategy: Strategy, factor_dtype: Factor
         logger.info("bytes ratio %.3f: every target linear fits unfactored, no low rank", options.bytes_ratio)
     elif options.bytes_ratio is not None:
         logger.info("bytes ratio %.3f: kept-parameter ratio %.4f fits", options.bytes_ratio, ratio)
-    plan.save(path)
+    if distributed.is_main():
+        plan.save(path)
     return AllocationResult(
         plan=plan, path=path, eigen_computed=calibrated.computed, seconds=time.perf_counter() - start
     )
+
+
+def check_new_plan(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise SwiftSVDError(f"plan {path} exists: pass --force to replace it or --name to write another")
 
 
 def plan_bytes(ranks: RankMap, shapes: dict[str, tuple[int, int]], factor_dtype: str | None) -> int:
@@ -300,10 +306,14 @@ class Validator:
     record: dict[str, Any]
 
     def ppl(self, ranks: RankMap) -> float:
+        """Under several processes each scores its share of the windows; their NLL sums are pooled."""
         seqlen = self.windows.shape[1]
+        share = torch.stack(distributed.my_share(list(self.windows), "validation windows")).reshape(-1)
         with reconstructed(self.loaded.model, self.spec, ranks, self.factors):
-            result = perplexity(self.loaded.model, self.windows.reshape(-1), seqlen=seqlen, batch_size=BATCH_SIZE)
-        return result.ppl
+            parts = distributed.everyone(
+                lambda: perplexity(self.loaded.model, share, seqlen=seqlen, batch_size=BATCH_SIZE)
+            )
+        return pooled(parts).ppl
 
 
 def validator(

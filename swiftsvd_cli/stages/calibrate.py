@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from swiftsvd_cli import distributed
 from swiftsvd_cli.artifacts import store
 from swiftsvd_cli.artifacts.format import VersionMismatchError, jsonable
 from swiftsvd_cli.artifacts.lock import work_lock
@@ -173,7 +174,8 @@ def run_calibrate(options: CalibrateOptions) -> CalibrationResult:
 
 def _calibrate(options: CalibrateOptions, sampler: Sampler) -> CalibrationResult:
     work = options.work
-    old = _existing_manifest(work, options.force)  # fail on a corrupt WORK before the (slow) model load
+    # the main process reads (and with --force clears) WORK; fail on a corrupt one before the (slow) model load
+    old = distributed.main_decides(lambda: _existing_manifest(work, options.force))
     start = time.perf_counter()
     device = options.source.compute_device
     loaded = options.source.load(keep_on_cpu=True)
@@ -200,25 +202,34 @@ def _calibrate(options: CalibrateOptions, sampler: Sampler) -> CalibrationResult
             windows.numel(),
             widest,
         )
-    manifest = old if old is not None and _check_compatible(old, info, settings, options.force, work) else None
-    manifest = manifest or CalibrationManifest(
-        model=info,
-        settings=settings,
-        shapes={name: (linear.out_features, linear.in_features) for name, linear in linears.items()},
-        options=jsonable(options),
-        provenance=make_provenance(model=info.fingerprint, data=settings.data_sha256),
-    )
-    missing = [
-        i
-        for i in range(len(layers))
-        if i not in manifest.layers or not store.shard_is_valid(work, manifest.layers[i].shard)
-    ]
-    for index in missing:
-        manifest = manifest.with_layer(index, None)  # its eigenbasis is invalid too: eigen/index.json records the Gram
-    manifest.save_to(work)
+
+    def prepare() -> tuple[CalibrationManifest, list[int]]:
+        """The manifest to resume (or a new one) and the layers to compute, decided and saved by one process."""
+        manifest = old if old is not None and _check_compatible(old, info, settings, options.force, work) else None
+        manifest = manifest or CalibrationManifest(
+            model=info,
+            settings=settings,
+            shapes={name: (linear.out_features, linear.in_features) for name, linear in linears.items()},
+            options=jsonable(options),
+            provenance=make_provenance(model=info.fingerprint, data=settings.data_sha256),
+        )
+        missing = [
+            i
+            for i in range(len(layers))
+            if i not in manifest.layers or not store.shard_is_valid(work, manifest.layers[i].shard)
+        ]
+        for index in missing:
+            manifest = manifest.with_layer(index, None)  # its eigenbasis is invalid too: eigen/index.json has the Gram
+        manifest.save_to(work)
+        return manifest, missing
+
+    manifest, missing = distributed.main_decides(prepare)
     if missing:
-        manifest = _run_layers(loaded.model, layers, spec, windows, options.batch_size, device, manifest, work, missing)
-    store.atomic_write_json(work / "importance.json", manifest.importance())
+        share = torch.stack(distributed.my_share(list(windows), "calibration windows"))  # disjoint, deterministic
+        manifest = _run_layers(loaded.model, layers, spec, share, options.batch_size, device, manifest, work, missing)
+        manifest = distributed.main_decides(lambda: manifest)  # the one the main process wrote
+    if distributed.is_main():
+        store.atomic_write_json(work / "importance.json", manifest.importance())
     return CalibrationResult(manifest, missing, time.perf_counter() - start)
 
 
@@ -233,7 +244,11 @@ def _run_layers(
     work: Path,
     missing: list[int],
 ) -> CalibrationManifest:
-    """Push all windows through layers 0..max(missing), accumulating statistics on the missing ones."""
+    """Push `windows` through layers 0..max(missing), accumulating statistics on the missing ones.
+
+    Under several processes `windows` is this process's share: the statistics (sums all) are summed over the
+    processes before the main process writes each layer's shard and the manifest.
+    """
     inputs = capture_first_layer_inputs(model, layers, windows, batch_size)
     with progress() as bar:
         task = bar.add_task("calibrating", total=max(missing) + 1)
@@ -247,12 +262,15 @@ def _run_layers(
                 inputs.hidden[batch] = out.cpu()
             layers[index].to("cpu")
             if stats is not None:
-                tensors = stats.remove()
+                local = stats.remove() | {"importance": torch.tensor(importance, dtype=torch.float64)}
+                tensors = distributed.sum_over_processes(local)
+                importance = float(tensors.pop("importance"))
                 tokens = int(tensors["tokens"])
-                shard = store.write_shard(work, shard_name(index), tensors)
-                record = LayerRecord(shard=shard, tokens=tokens, importance=importance / tokens)
-                manifest = manifest.with_layer(index, record)
-                manifest.save_to(work)
+                if distributed.is_main():
+                    shard = store.write_shard(work, shard_name(index), tensors)
+                    record = LayerRecord(shard=shard, tokens=tokens, importance=importance / tokens)
+                    manifest = manifest.with_layer(index, record)
+                    manifest.save_to(work)
                 logger.debug("layer %d: %d tokens, importance %.4f", index, tokens, importance / tokens)
             bar.advance(task)
     return manifest
