@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from swiftsvd_cli import distributed
 from swiftsvd_cli.artifacts.format import jsonable
 from swiftsvd_cli.artifacts.plan import RankPlan
 from swiftsvd_cli.config import (
@@ -118,7 +119,7 @@ def run_oneshot(options: OneShotOptions) -> CompressResult:
     check_merge(
         options.merge, check_target(options.ratio, options.bytes_ratio, options.factor_dtype, options.target_ppl)
     )
-    check_output(options.out, options.force)
+    distributed.main_decides(lambda: check_output(options.out, options.force))  # the main process writes OUT
     model = options.source.model
     defaults = model_defaults(model)
     data = options.data or defaults["data"]
@@ -161,22 +162,22 @@ def run_oneshot(options: OneShotOptions) -> CompressResult:
     allocate = dataclasses.replace(allocate, name=name)
     plan_path = work / "plans" / f"{name}.json"
     allocate_seconds = 0.0
-    if not calibration.computed_layers and _reusable(plan_path, allocate):  # new Grams invalidate old plans
+    # new Grams invalidate old plans
+    if distributed.main_decides(lambda: not calibration.computed_layers and _reusable(plan_path, allocate)):
         logger.info("reusing plan %s", plan_path)
     else:
         allocate_seconds = run_allocate(allocate).seconds
-    result = run_compress(
-        CompressOptions(
-            source=options.source,
-            out=options.out,
-            plan=plan_path,
-            method=options.method,
-            merge=options.merge,
-            compensate=options.compensate,
-            force=options.force,
-            factor_dtype=options.factor_dtype,
-        )
+    by_plan = CompressOptions(
+        source=options.source,
+        out=options.out,
+        plan=plan_path,
+        method=options.method,
+        merge=options.merge,
+        compensate=options.compensate,
+        force=options.force,
+        factor_dtype=options.factor_dtype,
     )
+    result = distributed.main_decides(lambda: run_compress(by_plan))  # one process builds OUT
     seconds = {"calibrate": calibration.seconds, "allocate": allocate_seconds, **result.seconds}
     return dataclasses.replace(result, seconds=seconds)
 
