@@ -1,8 +1,9 @@
-"""Two processes (torchrun, gloo on CPU) give the one-process result: Grams, eigen shards, α, plan and logits.
+"""Two processes (gloo on CPU) give the one-process result: Grams, eigen shards, α, plan and logits.
 
-One module fixture runs the single-process pipeline in this process and two `torchrun --nproc_per_node 2 -m
-swiftsvd_cli` launches: a data-parallel calibration resuming a run killed after layer 0, and a parallel allocate
-(eigendecompositions by owner, α windows split) on a copy of the single-process Grams.
+One module fixture runs the single-process pipeline in this process and two launches of `-m swiftsvd_cli` with
+2 processes: `accelerate launch` of a data-parallel calibration resuming a run killed after layer 0, and
+`torchrun` of the one shot on a copy of the single-process Grams (eigendecompositions by owner, α windows split,
+OUT written by the main process).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -33,14 +35,23 @@ SAMPLES, SEQLEN, RATIO = 6, 32, "0.6"
 TOLERANCE = 1e-12  # float64 sums in another order
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+TORCHRUN = ("torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+ACCELERATE = ("accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1")
+"""`accelerate launch --multi_gpu`: with `--cpu` accelerate 1.15 starts one process; on CPU this is gloo."""
+
+
+def launch(launcher: tuple[str, ...], *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m LAUNCHER -m swiftsvd_cli ARGS` with 2 processes, one thread each (torchrun's default)."""
+    extra = ("--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()))
+    command = [sys.executable, "-m", *launcher, *(extra if launcher == ACCELERATE else ()), "-m", "swiftsvd_cli"]
     result = subprocess.run(
-        [*command, "-m", "swiftsvd_cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [*command, *args], capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
@@ -58,14 +69,16 @@ def runs(trained_llama_dir: Path, tiny_text_file: Path, tmp_path_factory: pytest
     (two / "covariance").mkdir(parents=True)
     shutil.copy(one / "manifest.json", two)
     shutil.copy(one / "covariance" / "layer_000.safetensors", two / "covariance")
-    calibrated = torchrun(
+    calibrated = launch(
+        ACCELERATE,
         *("calibrate", str(trained_llama_dir), "--data", str(tiny_text_file), "--out", str(two), "--device", "cpu"),
         *("--samples", str(SAMPLES), "--seqlen", str(SEQLEN)),
     )
     three = root / "three"  # the one shot on the single-process Grams: eigen and α by two processes, OUT by one
     shutil.copytree(one / "covariance", three / "covariance")
     shutil.copy(one / "manifest.json", three)
-    torchrun(
+    launch(
+        TORCHRUN,
         *("compress", str(trained_llama_dir), "--ratio", RATIO, "--strategy", "dynamic", "--val-samples", "6"),
         *("--data", str(tiny_text_file), "--samples", str(SAMPLES), "--seqlen", str(SEQLEN), "--device", "cpu"),
         *("--work", str(three), "--out", str(root / "compressed")),
