@@ -162,3 +162,16 @@ def test_pooled_perplexity_of_window_shares_is_the_whole_perplexity(trained_llam
     assert together.windows == whole.windows and together.predicted_tokens == whole.predicted_tokens
     assert abs(together.ppl - whole.ppl) <= TOLERANCE * whole.ppl
     assert pooled([whole]) is whole
+
+
+def test_each_launched_process_takes_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bare `cuda` is cuda:LOCAL_RANK under a launcher; an explicit device or a single process is left alone."""
+    from types import SimpleNamespace
+
+    from swiftsvd_cli import distributed
+
+    assert distributed.local_device("cuda") == "cuda" and distributed.world_size() == 1
+    monkeypatch.setattr(distributed, "_state", SimpleNamespace(local_process_index=3))
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert distributed.local_device("cuda") == "cuda:3"
+    assert distributed.local_device("cuda:1") == "cuda:1" and distributed.local_device("cpu") == "cpu"

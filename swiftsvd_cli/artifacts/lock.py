@@ -52,7 +52,7 @@ def _acquire(work: Path) -> Path | None:
         return None  # nothing to protect yet; the stage reports the missing WORK its own way
     path = work / LOCK
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    staging = work / f".lock.{os.getpid()}"
+    staging = work / f".lock.{me['host']}.{os.getpid()}"  # unique across the hosts sharing WORK
     atomic_write_json(staging, me)  # complete before it becomes the lock: a reader never sees a torn one
     try:
         while True:
