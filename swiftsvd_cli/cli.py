@@ -178,6 +178,7 @@ def command(*, skip: tuple[str, ...] = ()) -> Callable[[F], F]:
                 return body(*args, **kwargs, **({"ctx": ctx} if passes_context else {}))
             except SwiftSVDError as error:
                 console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+                distributed.barrier()  # every process has this error: none exits before the main one printed it
                 raise typer.Exit(1) from None
             except KeyboardInterrupt:
                 console.print("[yellow]interrupted: finished artifacts are kept; rerun to resume[/yellow]")

@@ -46,14 +46,14 @@ ACCELERATE = ("accelerate.commands.launch", "--multi_gpu", "--num_processes", "2
 """`accelerate launch --multi_gpu`: with `--cpu` accelerate 1.15 starts one process; on CPU this is gloo."""
 
 
-def launch(launcher: tuple[str, ...], *args: str) -> subprocess.CompletedProcess[str]:
+def launch(launcher: tuple[str, ...], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """`python -m LAUNCHER -m swiftsvd_cli ARGS` with 2 processes, one thread each (torchrun's default)."""
     extra = ("--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()))
     command = [sys.executable, "-m", *launcher, *(extra if launcher == ACCELERATE else ()), "-m", "swiftsvd_cli"]
     result = subprocess.run(
         [*command, *args], capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.returncode == 0 or not check, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
 
@@ -132,6 +132,19 @@ def test_two_process_one_shot_gives_identical_logits(runs: dict[str, Path], trai
         with torch.no_grad():
             logits.append(model(input_ids=ids).logits)
     assert torch.equal(*logits)
+
+
+def test_a_launched_run_on_a_locked_work_is_refused_with_one_line(runs: dict[str, Path]) -> None:
+    """The main process finds the lock; every process stops, and the main one prints the error once."""
+    lock = runs["one"] / ".lock"
+    lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "noon"}))
+    try:
+        result = launch(TORCHRUN, "allocate", str(runs["one"]), "--ratio", "0.5", "--device", "cpu", check=False)
+    finally:
+        lock.unlink()
+    assert result.returncode != 0
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "in use by another swiftsvd run (pid 1 on elsewhere since noon)" in errors[0]
 
 
 def test_owners_balance_cost_not_count() -> None:
