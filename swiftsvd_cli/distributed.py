@@ -121,18 +121,22 @@ def sum_over_processes(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 def everyone(work: Callable[[], T]) -> list[T]:
     """`work()` run by every process; every process's result, in rank order, on every process.
 
-    A SwiftSVDError in any process is raised by all of them: none waits in a collective for one that stopped.
+    An error in any process is raised by all of them (as a SwiftSVDError naming the process, where it did not
+    happen): none waits in a collective for one that stopped.
     """
     if state() is None:
         return [work()]
     import torch.distributed as dist
 
+    failed: Exception | None = None
     try:
         mine: tuple[Any, str | None] = (work(), None)
-    except SwiftSVDError as error:
-        mine = (None, str(error))
+    except Exception as error:  # told to the others, then raised here as it is
+        failed, mine = error, (None, f"process {rank()}: {error}")
     results: list[Any] = [None] * world_size()
     dist.all_gather_object(results, mine)
+    if failed is not None:
+        raise failed
     failures = [message for _, message in results if message is not None]
     if failures:
         raise SwiftSVDError(failures[0])
@@ -140,7 +144,7 @@ def everyone(work: Callable[[], T]) -> list[T]:
 
 
 def main_decides(decide: Callable[[], T]) -> T:
-    """`decide()` run by the main process only, its result (or its SwiftSVDError) handed to every process.
+    """`decide()` run by the main process only, its result (or its error, as a SwiftSVDError) handed to every process.
 
     For checks and writes only one process may make (locks, manifests, clearing a WORK): the other processes
     raise the same one-line error instead of waiting forever in a collective the main process never reaches.
