@@ -40,6 +40,7 @@ _API = {
     "Sampler": ("swiftsvd_cli.config", "Sampler"),
     "Strategy": ("swiftsvd_cli.config", "Strategy"),
     "FactorDType": ("swiftsvd_cli.config", "FactorDType"),
+    "KVCache": ("swiftsvd_cli.config", "KVCache"),
     "SwiftSVDError": ("swiftsvd_cli.errors", "SwiftSVDError"),
 }
 __all__ = [
@@ -66,11 +67,12 @@ __all__ = [
     "Sampler",
     "Strategy",
     "FactorDType",
+    "KVCache",
     "SwiftSVDError",
 ]  # tests/test_api.py: the same names as _API
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` imports on first use
-    from swiftsvd_cli.config import DType, FactorDType, Method, Sampler, Strategy
+    from swiftsvd_cli.config import DType, FactorDType, KVCache, Method, Sampler, Strategy
     from swiftsvd_cli.errors import SwiftSVDError
     from swiftsvd_cli.model.checkpoint import load_compressed
     from swiftsvd_cli.model.loading import ModelSource, load_model

@@ -16,7 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from swiftsvd_cli import __version__, config
-from swiftsvd_cli.config import DType, FactorDType, Method, Sampler, Strategy
+from swiftsvd_cli.config import DType, FactorDType, KVCache, Method, Sampler, Strategy
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.log import console, setup_logging
 from swiftsvd_cli.recipes import KEYS, coerce, load_recipe
@@ -351,6 +351,20 @@ def compress(
             "the output directory, never cached in WORK.",
         ),
     ] = False,
+    kv_cache: Annotated[
+        KVCache,
+        typer.Option(
+            help="dense: cache keys and values. latent: cache the k/v latents B x (less KV memory; keys rebuilt "
+            "and rotated with each token's own position, exact)."
+        ),
+    ] = config.KV_CACHE,
+    kv_ratio: Annotated[
+        float | None,
+        typer.Option(
+            help="With --kv-cache latent: fraction of the KV cache KEPT; caps every k/v rank at "
+            "floor(kv_ratio * num_kv_heads * head_dim) on top of the plan."
+        ),
+    ] = None,
     work: Annotated[
         Path | None,
         typer.Option(help="WORK directory (default: a cache folder per model and settings).", rich_help_panel=ONE_SHOT),
@@ -417,6 +431,8 @@ def compress(
             compensate=compensate,
             force=force,
             factor_dtype=factor_dtype,
+            kv_cache=kv_cache,
+            kv_ratio=kv_ratio,
         )
     else:
         options = OneShotOptions(
@@ -433,6 +449,8 @@ def compress(
             method=method,
             merge=merge,
             compensate=compensate,
+            kv_cache=kv_cache,
+            kv_ratio=kv_ratio,
             data=data,
             samples=samples,
             seqlen=seqlen,
@@ -485,10 +503,14 @@ def eval_(
         int, typer.Option(help="Windows (or lm-eval requests) per forward pass.")
     ] = config.EVAL_BATCH_SIZE,
     bench: Annotated[
-        bool, typer.Option("--bench", help="Also measure prefill/decode tokens/s and peak memory.")
+        bool,
+        typer.Option("--bench", help="Also measure prefill/decode tokens/s, peak memory and KV cache bytes per token."),
     ] = False,
     bench_prompt_len: Annotated[int, typer.Option(help="Prompt tokens for --bench.")] = config.BENCH_PROMPT_LEN,
     bench_new_tokens: Annotated[int, typer.Option(help="Greedy new tokens for --bench.")] = config.BENCH_NEW_TOKENS,
+    bench_batch_size: Annotated[
+        int, typer.Option(help="Sequences per generate call for --bench (e.g. 8 with 512 + 512 tokens: KV memory).")
+    ] = config.BENCH_BATCH_SIZE,
     bench_repeats: Annotated[int, typer.Option(help="Timed repeats for --bench (median).")] = config.BENCH_REPEATS,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the JSON report here.")] = None,
     dtype: DtypeOpt = config.DTYPE,
@@ -514,6 +536,7 @@ def eval_(
         bench=bench,
         bench_prompt_len=bench_prompt_len,
         bench_new_tokens=bench_new_tokens,
+        bench_batch_size=bench_batch_size,
         bench_repeats=bench_repeats,
         output=output,
         force=force,

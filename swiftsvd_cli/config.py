@@ -59,6 +59,13 @@ class FactorDType(Choice):
     INT8 = "int8"  # int8 codes + one float32 scale per row (torchao's int8 weight-only round-to-nearest)
 
 
+class KVCache(Choice):
+    """What a compressed model caches per token (`--kv-cache`)."""
+
+    DENSE = "dense"  # full keys and values, as transformers does
+    LATENT = "latent"  # the k/v latents B x; keys rebuilt and rotated with each token's own position
+
+
 C = TypeVar("C", bound=Choice)
 
 DATA = "wikitext2"
@@ -77,6 +84,7 @@ SAMPLER = Sampler.TOKENS
 STRATEGY = Strategy.DYNAMIC
 METHOD = Method.SWIFT
 DTYPE = DType.AUTO
+KV_CACHE = KVCache.DENSE
 
 DELTA = 0.5
 """Algorithm 2's guaranteed share of the uniform rank per layer (the paper fixes 0.5)."""
@@ -99,8 +107,8 @@ EVAL_TASKS = "wikitext2"
 EVAL_BATCH_SIZE = 1
 """Perplexity windows (or lm-eval requests) per forward pass in `eval`."""
 
-BENCH_PROMPT_LEN, BENCH_NEW_TOKENS, BENCH_REPEATS = 128, 32, 3
-"""`eval --bench`: prompt tokens, greedy new tokens, timed repeats (the median is reported)."""
+BENCH_PROMPT_LEN, BENCH_NEW_TOKENS, BENCH_BATCH_SIZE, BENCH_REPEATS = 128, 32, 1, 3
+"""`eval --bench`: prompt tokens, greedy new tokens, sequences per call, timed repeats (the median is reported)."""
 
 DEVICE_PATTERN = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")
 

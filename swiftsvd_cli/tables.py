@@ -68,6 +68,7 @@ def _rows(report: EvalReport) -> list[tuple[str, list[float | None], Any]]:
         ("prefill_tokens_per_s", "prefill tok/s", "{:.1f}".format),
         ("decode_tokens_per_s", "decode tok/s", "{:.1f}".format),
         ("peak_memory_bytes", _peak_label(targets), human_bytes),
+        ("kv_cache_bytes_per_token", "KV cache per token", human_bytes),
     ):
         add(label, [(t.speed or {}).get(key) for t in targets], fmt)
     return rows
@@ -178,6 +179,8 @@ def compression_table(result: CompressResult, method: str, merge: bool) -> Table
     table.add_row("method", f"{method}" + (" (merged dense)" if merge else "") + compensated)
     if result.factor_dtype is not None:
         table.add_row("stored as", f"{result.factor_dtype} (every target linear)")
+    if result.kv_kept is not None:
+        table.add_row("KV cache", f"latent k/v: {result.kv_kept:.1%} of the dense cache per token")
     table.add_row(
         "parameters",
         f"{result.params_before:,} -> {result.params_after:,} "

@@ -56,6 +56,7 @@ def test_two_targets_side_by_side(tiny_llama_dir: Path, tiny_text_file: Path, tm
     console.print(render_table(report))
     text = console.export_text()
     assert f"ppl {tiny_text_file.name}" in text and "(+0%)" in text and "decode tok/s" in text
+    assert "KV cache per token" in text and first.speed["kv_cache_bytes_per_token"] > 0
 
     with pytest.raises(SwiftSVDError, match="--force"):
         evaluate(options)

@@ -22,11 +22,12 @@ import torch
 
 from swiftsvd_cli.artifacts.compressed import SECTION
 from swiftsvd_cli.artifacts.plan import RankPlan
-from swiftsvd_cli.config import FactorDType
+from swiftsvd_cli.config import FactorDType, KVCache
 from swiftsvd_cli.model.architectures import ARCHITECTURES, FACTORED_PREFIX
 from swiftsvd_cli.model.checkpoint import load_compressed
 from swiftsvd_cli.model.hf import SHIPPED, SOURCE
 from swiftsvd_cli.model.hf.configuration_swiftsvd import CONFIGS
+from swiftsvd_cli.model.hf.latent_kv import uninstall_latent_kv
 from swiftsvd_cli.model.hf.lowrank import LowRankLinear
 from swiftsvd_cli.model.hf.modeling_swiftsvd import MODELS
 from swiftsvd_cli.model.hf.qlinear import Int8Linear
@@ -54,6 +55,21 @@ for directory in sys.argv[2:]:
     print(json.dumps({"dir": directory, "refused": refused, "class": type(model).__name__, "factored": factored,
                       "generated": generated.shape[1], "generated_ids": generated[0].tolist(), "tokens": words}))
 print(json.dumps({"swiftsvd_imported": any(name.startswith("swiftsvd") for name in sys.modules)}))
+"""
+PLAIN_LATENT = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+ids, mask = (torch.tensor(rows) for rows in json.loads(sys.argv[1]))
+found = {}
+for directory in sys.argv[2:]:
+    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                         pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+    torch.save(torch.stack(out.logits, dim=1), directory + "/plain_latent_logits.pt")
+    found[directory] = {"layers": sorted({type(layer).__name__ for layer in out.cache.layers}),
+                        "widths": sorted({layer.keys.shape[-1] for layer in out.cache.layers})}
+found["swiftsvd_imported"] = any(name.startswith("swiftsvd") for name in sys.modules)
+print(json.dumps(found))
 """
 PLAIN_INT8 = """
 import json, sys, torch
@@ -118,12 +134,12 @@ def compressed_dirs(tiny_tokenizer, tiny_text_file: Path, tmp_path_factory: pyte
     return dirs
 
 
-def run_plain(script: str, directories: list[str], tmp_path: Path) -> list[dict[str, Any]]:
-    """Run `script` on IDS and `directories` in a fresh Python that cannot import swiftsvd: its JSON lines."""
+def run_plain(script: str, directories: list[str], tmp_path: Path, inputs: Any = None) -> list[dict[str, Any]]:
+    """Run `script` on `inputs` (default IDS) and `directories` in a fresh Python that cannot import swiftsvd."""
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)  # plain transformers: swiftsvd is not importable from the worktree
     done = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(IDS.tolist()), *directories],
+        [sys.executable, "-c", script, json.dumps(IDS.tolist() if inputs is None else inputs), *directories],
         capture_output=True,
         text=True,
         timeout=600,
@@ -224,3 +240,45 @@ def test_plain_transformers_loads_int8_factors_as_load_compressed_does(
             ours = model(IDS).logits
         theirs = torch.load(directory / f"plain_{dtype}.pt")
         assert ours.dtype == getattr(torch, dtype) and torch.equal(theirs, ours), (dtype, (theirs - ours).abs().max())
+
+
+def test_plain_transformers_runs_the_latent_kv_cache_as_load_compressed_does(
+    tiny_tokenizer,  # noqa: ANN001
+    tiny_text_file: Path,
+    tmp_path: Path,
+) -> None:
+    """`--kv-cache latent` directories (16-bit and int8 factors; qwen2: k/v biases) through plain transformers:
+    the latent cache is on, every generated step equals `load_compressed`'s bit for bit, and both equal a
+    cache-free forward of the same factored weights (the dense-cache reference) within float32 tolerance."""
+    pytest.importorskip("torchao")  # the int8 directory's codes are computed with torchao
+    model_dir = save_tiny_model("qwen2", tmp_path / "model", tiny_tokenizer)
+    plan = calibrated_plan(model_dir, tiny_text_file, tmp_path / "work", samples=4, seqlen=32, ratio=0.5)
+    source = ModelSource(str(model_dir), "float32", "cpu")
+    directories = {}
+    for name, factor_dtype in (("latent", None), ("latent-int8", FactorDType.INT8)):
+        directories[name] = tmp_path / name
+        options = CompressOptions(source, directories[name], plan, factor_dtype=factor_dtype)
+        run_compress(replace(options, kv_cache=KVCache.LATENT, kv_ratio=0.25))
+    pads = torch.tensor([[0], [3], [5]])
+    ids = IDS.repeat(3, 1)
+    mask = (torch.arange(ids.shape[1])[None] >= pads).long()
+    ids = ids.masked_fill(mask == 0, 0)
+
+    found = run_plain(PLAIN_LATENT, [str(d) for d in directories.values()], tmp_path, [ids.tolist(), mask.tolist()])
+    assert found[-1].pop("swiftsvd_imported") is False
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    for name, directory in directories.items():
+        assert found[-1][str(directory)] == {"layers": ["LatentLayer"], "widths": [4]}, name  # 0.25 x 16 < plan's 5
+        model, _ = load_compressed(directory)
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, **kwargs, return_dict_in_generate=True, output_logits=True
+            )
+        steps = torch.stack(out.logits, dim=1)
+        assert torch.equal(torch.load(directory / "plain_latent_logits.pt"), steps), name  # the same code
+        uninstall_latent_kv(model)  # the same factored weights with transformers' attention, no cache
+        full_mask = torch.cat([mask, torch.ones(3, 12, dtype=torch.long)], dim=1)
+        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            full = model(out.sequences, attention_mask=full_mask, position_ids=positions, use_cache=False).logits
+        assert (steps - full[:, ids.shape[1] - 1 : -1]).abs().max() < 1e-4, name

@@ -151,8 +151,12 @@ PUBLIC = (
     "swiftsvd_cli.model.architectures",
     "swiftsvd_cli.figures",
     "swiftsvd_cli.errors",
+    "swiftsvd_cli.model.hf",
+    "swiftsvd_cli.data.text",
+    "swiftsvd_cli.metrics.speed",
 )
-"""Besides the names `swiftsvd_cli` exports: the modules scripts may use (math, formats, adapters, plots)."""
+"""Besides the names `swiftsvd_cli` exports: the modules scripts may use (math, formats, adapters, plots, the
+modeling code every checkpoint ships, the text sources and the speed measurement)."""
 SCRIPTS = sorted((PACKAGE.parent / "scripts").glob("*.py"))
 
 

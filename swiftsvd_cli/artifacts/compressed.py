@@ -1,7 +1,8 @@
 """The compressed-model section: what a compressed directory is, how it was made, and its rank per module.
 
 A factored directory carries it as the `swiftsvd` object of `config.json` (the shipped modeling code reads
-its `ranks`, `factor_dtype` and `int8_dense` to build the factored modules before the weights load); a
+its `ranks`, `factor_dtype` and `int8_dense` to build the factored modules before the weights load, and its
+`kv_cache` to switch on the latent KV cache); a
 `--merge`d dense directory, whose config is the base model's, carries it as `swiftsvd.json`.
 """
 
@@ -49,14 +50,24 @@ def _from_version_3(data: dict[str, Any]) -> dict[str, Any]:
     return data | {"format_version": 4, "compensation": None}
 
 
+def _from_version_4(data: dict[str, Any]) -> dict[str, Any]:
+    """Format 4 had no KV-cache mode: every directory cached full keys and values."""
+    return data | {"format_version": 5, "kv_cache": "dense", "kv_ratio": None}
+
+
 @dataclass(frozen=True)
 class CompressedSection(Artifact):
     KIND: ClassVar[str] = "compressed"
-    FORMAT_VERSION: ClassVar[int] = 4  # 2: own model_type, shipped code, options, provenance; 3: validation;
-    # 4: compensation
+    FORMAT_VERSION: ClassVar[int] = 5  # 2: own model_type, shipped code, options, provenance; 3: validation;
+    # 4: compensation; 5: KV cache mode
     TITLE: ClassVar[str] = "compressed-model section"
     REMEDY: ClassVar[str] = "compress the model again with this swiftsvd (`swiftsvd compress`)"
-    UPGRADES: ClassVar[dict[int, Upgrade]] = {1: _from_version_1, 2: _from_version_2, 3: _from_version_3}
+    UPGRADES: ClassVar[dict[int, Upgrade]] = {
+        1: _from_version_1,
+        2: _from_version_2,
+        3: _from_version_3,
+        4: _from_version_4,
+    }
 
     method: str
     merged: bool  # True: a plain dense checkpoint (W' = A B written back), no factored modules
@@ -76,6 +87,8 @@ class CompressedSection(Artifact):
     factor_dtype: str | None = None  # "int8": every target linear stored as int8 codes + float32 row scales
     int8_dense: list[str] = field(default_factory=list)  # with int8: the target linears left dense (full names)
     compensation: dict[str, Any] | None = None  # --compensate: objective, calibration, damping, seconds
+    kv_cache: str = "dense"  # "latent": the attention caches the k/v latents B x, not keys and values
+    kv_ratio: float | None = None  # the --kv-ratio cap on the k/v ranks, if one was given
 
 
 def load_section(directory: Path) -> CompressedSection:

@@ -6,10 +6,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from torch import Tensor
+
 from swiftsvd_cli.artifacts.format import Artifact, Upgrade, load_artifact
 from swiftsvd_cli.artifacts.manifest import ModelInfo
 from swiftsvd_cli.artifacts.provenance import Provenance
-from swiftsvd_cli.core.allocation import matrix_kind, parameter_count
+from swiftsvd_cli.core.allocation import is_dense, matrix_kind, parameter_count
+from swiftsvd_cli.core.linalg import effective_rank, loss_at_rank, normalized_effective_rank
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,29 @@ class ModulePlan:
     @property
     def params(self) -> int:
         return parameter_count(self.m, self.n, self.rank)
+
+
+def module_plan(
+    index: int, module: str, shape: tuple[int, int], rank: int, eigenvalues: Tensor, importance: float
+) -> ModulePlan:
+    """One module's plan entry at `rank`: dense at the break-even rank, loss = eigenvalue tail Σ_{i>k} λ_i."""
+    m, n = shape
+    dense = is_dense(m, n, rank)
+    loss = 0.0 if dense else loss_at_rank(eigenvalues, rank)
+    total = loss_at_rank(eigenvalues, 0)
+    return ModulePlan(
+        layer=index,
+        module=module,
+        m=m,
+        n=n,
+        rank=rank,
+        dense=dense,
+        predicted_loss=loss,
+        relative_loss=loss / total if total > 0 else 0.0,
+        effective_rank=effective_rank(eigenvalues),
+        ner=normalized_effective_rank(eigenvalues, m),
+        importance=importance,
+    )
 
 
 def _from_version_2(data: dict[str, Any]) -> dict[str, Any]:

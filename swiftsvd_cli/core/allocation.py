@@ -33,6 +33,15 @@ def parameter_count(m: int, n: int, k: int) -> int:
     return m * n if is_dense(m, n, k) else k * (m + n)
 
 
+def kv_rank_cap(m: int, kv_ratio: float) -> int:
+    """The largest k/v rank whose latent keeps at most `kv_ratio` of the dense cache: floor(kv_ratio · m).
+
+    m = num_kv_heads · head_dim, the k/v projection's output width, is what a dense cache stores per token;
+    a rank-r latent stores r. (A factored k/v always saves some: r < m n / (m + n) < m.)
+    """
+    return max(0, math.floor(m * kv_ratio + RANK_FLOOR_SLACK))
+
+
 def achieved_ratio(shapes_and_ranks: Iterable[tuple[int, int, int]]) -> float:
     """Kept-parameter ratio Σ params(m, n, k) / Σ m n over (m, n, k) triples (dense modules count as m n)."""
     kept = total = 0

@@ -9,6 +9,10 @@ cache, as peers report). On CPU there is no allocator counter, so a sampling thr
 (psutil) every few milliseconds during the benchmark and we report `peak RSS - baseline RSS`, the baseline
 taken by the caller before the model was loaded: weights plus inference working set, approximate
 (sampling can miss short spikes, and the allocator may keep freed pages of an earlier model).
+
+KV cache bytes per token are read off the cache a real prefill leaves behind (every tensor its layers
+hold: keys and values, or latents and positions), divided by the tokens it holds: a measurement, not a
+formula, so a latent cache that silently stored full keys would show.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class SpeedResult:
     decode_tokens_per_s: float
     peak_memory_bytes: int
     peak_memory_kind: str  # "cuda_max_allocated" or "cpu_rss_delta"
+    kv_cache_bytes_per_token: float  # all decoder layers together
 
 
 def _target_modules(model: Any) -> list[Any] | None:
@@ -173,6 +178,18 @@ def _rss_sampler(interval_s: float = 0.01) -> Iterator[list[int]]:
         peak[0] = max(peak[0], current_rss())
 
 
+def cache_bytes(cache: Any) -> int:
+    """Bytes of every tensor the layers of a transformers `Cache` hold."""
+    import torch
+
+    return sum(
+        value.numel() * value.element_size()
+        for layer in cache.layers
+        for value in vars(layer).values()
+        if isinstance(value, torch.Tensor)
+    )
+
+
 def measure_speed(
     model: Any,
     *,
@@ -186,7 +203,9 @@ def measure_speed(
 ) -> SpeedResult:
     """Prefill and decode tokens/s (medians over `repeats`, after `warmup` >= 1 runs) on a synthetic prompt.
 
-    Prefill: one forward pass over the prompt with a KV cache. Decode: greedy `generate` of `new_tokens` with
+    Prefill: one forward pass over the prompt with a KV cache, logits of the last position only (as `generate`
+    does: full-vocabulary logits of a long batched prompt would dominate the peak memory). Decode: greedy
+    `generate` of `new_tokens` with
     `min_new_tokens` (no early stop on EOS) minus greedy `generate` of one token; the difference is the
     `new_tokens - 1` incremental steps, with generate's fixed overhead cancelled out.
     """
@@ -214,8 +233,8 @@ def measure_speed(
         sync()
         return time.perf_counter() - start
 
-    def prefill() -> None:
-        model(input_ids=prompt, attention_mask=mask, use_cache=True)
+    def prefill() -> Any:
+        return model(input_ids=prompt, attention_mask=mask, use_cache=True, logits_to_keep=1).cache
 
     def generate(n: int) -> None:
         model.generate(
@@ -238,6 +257,7 @@ def measure_speed(
         t_prefill = statistics.median(timed(prefill) for _ in range(repeats))
         t_one = statistics.median(timed(lambda: generate(1)) for _ in range(repeats))
         t_all = statistics.median(timed(lambda: generate(new_tokens)) for _ in range(repeats))
+        kv_bytes = cache_bytes(prefill())
 
     t_decode = t_all - t_one
     # Timer noise on a tiny model can make the difference non-positive; then fall back to the whole call.
@@ -259,4 +279,5 @@ def measure_speed(
         decode_tokens_per_s=decode_tps,
         peak_memory_bytes=peak,
         peak_memory_kind=kind,
+        kv_cache_bytes_per_token=kv_bytes / (batch_size * prompt_len),
     )

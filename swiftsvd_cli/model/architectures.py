@@ -24,6 +24,7 @@ class ArchSpec:
 
     layers: str
     groups: Mapping[str, tuple[str, ...]]
+    kv: tuple[str, str]  # the key and value projections: their latents are what `--kv-cache latent` stores
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -42,6 +43,7 @@ LLAMA = ArchSpec(
         "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
         "mlp_out": ("mlp.down_proj",),
     },
+    kv=("self_attn.k_proj", "self_attn.v_proj"),
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {

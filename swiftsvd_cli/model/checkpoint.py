@@ -8,7 +8,9 @@ with `factor_dtype` "int8" in the section every target linear is an `Int8Linear`
 float32 per row): the factors' A and B, and the weight of each target linear left dense (`int8_dense`).
 Plain transformers loads it with `trust_remote_code=True` and refuses it without; `load_compressed` builds the
 same classes from this package and never imports the code inside the directory. A `--merge`d directory is a
-plain dense checkpoint with the section in `swiftsvd.json`.
+plain dense checkpoint with the section in `swiftsvd.json`. With `kv_cache` "latent" in the section the
+attention caches the k/v latents instead of keys and values (swiftsvd_cli/model/hf/latent_kv.py, switched on by
+the shipped modeling code, so plain transformers does the same).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.model.dtypes import checkpoint_dtype, resolve_dtype
 from swiftsvd_cli.model.hf import SHIPPED, SOURCE
 from swiftsvd_cli.model.hf.configuration_swiftsvd import CONFIGS
+from swiftsvd_cli.model.hf.latent_kv import LatentKVError
 from swiftsvd_cli.model.hf.modeling_swiftsvd import MODELS
 
 _NOT_CONFIG = ("model_type", "auto_map", "architectures", "transformers_version")  # written per class, not copied
@@ -96,7 +99,10 @@ def load_compressed(path: str | Path, dtype: str = DTYPE, device: str = "cpu") -
     values = {key: value for key, value in raw.items() if key not in _NOT_CONFIG}
     config = CONFIGS[family].from_dict(values)
     torch_dtype = resolve_dtype(dtype, device, checkpoint_dtype(config))
-    loaded = MODELS[family].from_pretrained(path, config=config, dtype=torch_dtype, output_loading_info=True)
+    try:
+        loaded = MODELS[family].from_pretrained(path, config=config, dtype=torch_dtype, output_loading_info=True)
+    except LatentKVError as error:
+        raise SwiftSVDError(f"{path}: {error}") from None
     model, info = cast(tuple[Any, dict[str, Any]], loaded)
     missing = info["missing_keys"]
     if missing:

@@ -27,7 +27,7 @@ from swiftsvd_cli.artifacts.eigen import INDEX
 from swiftsvd_cli.artifacts.format import jsonable
 from swiftsvd_cli.artifacts.lock import work_lock
 from swiftsvd_cli.artifacts.manifest import MANIFEST, CalibrationManifest, load_complete_manifest
-from swiftsvd_cli.artifacts.plan import ModulePlan, RankPlan
+from swiftsvd_cli.artifacts.plan import RankPlan, module_plan
 from swiftsvd_cli.artifacts.provenance import make_provenance
 from swiftsvd_cli.artifacts.store import sha256_file
 from swiftsvd_cli.config import (
@@ -49,13 +49,12 @@ from swiftsvd_cli.core.allocation import (
     achieved_ratio,
     dynamic_ranks,
     global_plan,
-    is_dense,
     largest_fitting_ratio,
     minimal_loss_at_uniform,
     reference_bytes,
     weight_bytes,
 )
-from swiftsvd_cli.core.linalg import effective_rank, loss_at_rank, normalized_effective_rank, uniform_rank
+from swiftsvd_cli.core.linalg import uniform_rank
 from swiftsvd_cli.core.search import max_steps, smallest_ratio
 from swiftsvd_cli.data.text import TextSource, load_text, spread_windows, tokenize
 from swiftsvd_cli.engine.eigen import CalibratedSpectra, load_matching_model, load_spectra
@@ -267,28 +266,6 @@ def check_new_plan(path: Path, force: bool) -> None:
 def plan_bytes(ranks: RankMap, shapes: dict[str, tuple[int, int]], factor_dtype: str | None) -> int:
     """Stored bytes of every target linear's weights under `ranks`."""
     return sum(weight_bytes(*shapes[module], k, factor_dtype) for (_, module), k in ranks.items())
-
-
-def module_plan(
-    index: int, module: str, shape: tuple[int, int], rank: int, eigenvalues: torch.Tensor, importance: float
-) -> ModulePlan:
-    m, n = shape
-    dense = is_dense(m, n, rank)
-    loss = 0.0 if dense else loss_at_rank(eigenvalues, rank)
-    total = loss_at_rank(eigenvalues, 0)
-    return ModulePlan(
-        layer=index,
-        module=module,
-        m=m,
-        n=n,
-        rank=rank,
-        dense=dense,
-        predicted_loss=loss,
-        relative_loss=loss / total if total > 0 else 0.0,
-        effective_rank=effective_rank(eigenvalues),
-        ner=normalized_effective_rank(eigenvalues, m),
-        importance=importance,
-    )
 
 
 @dataclass(frozen=True)

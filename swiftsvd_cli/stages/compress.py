@@ -9,25 +9,28 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from swiftsvd_cli.artifacts.compressed import CompressedSection
+from swiftsvd_cli.artifacts.eigen import EigenIndex, read_eigenvalues
 from swiftsvd_cli.artifacts.format import jsonable
 from swiftsvd_cli.artifacts.manifest import CalibrationSettings, load_complete_manifest
-from swiftsvd_cli.artifacts.plan import RankPlan
+from swiftsvd_cli.artifacts.plan import ModulePlan, RankPlan, module_plan
 from swiftsvd_cli.artifacts.provenance import make_provenance
 from swiftsvd_cli.artifacts.store import sha256_file
-from swiftsvd_cli.config import BATCH_SIZE, METHOD, FactorDType, Method, check_ratio, choice
+from swiftsvd_cli.config import BATCH_SIZE, KV_CACHE, METHOD, FactorDType, KVCache, Method, check_ratio, choice
+from swiftsvd_cli.core.allocation import achieved_ratio, kv_rank_cap
 from swiftsvd_cli.engine.compensate import CompensationResult, compensate, manifest_windows
 from swiftsvd_cli.engine.eigen import load_eigen_index
 from swiftsvd_cli.engine.factors import FactorSource, apply_factors, install_factors
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.log import progress
-from swiftsvd_cli.model.architectures import arch_for
+from swiftsvd_cli.model.architectures import ArchSpec, arch_for_type
 from swiftsvd_cli.model.checkpoint import save_compressed
+from swiftsvd_cli.model.hf.latent_kv import LatentKVError, check_latent_kv_support
 from swiftsvd_cli.model.hf.qlinear import weight_count
 from swiftsvd_cli.model.loading import ModelSource
 
@@ -44,6 +47,8 @@ class CompressOptions:
     compensate: bool = False  # fit factors to the compressed path's inputs (Swift-SVD factors only)
     force: bool = False
     factor_dtype: FactorDType | None = None  # int8: every target linear stored quantised; None: as the plan says
+    kv_cache: KVCache = KV_CACHE  # latent: cache the k/v latents B x instead of keys and values
+    kv_ratio: float | None = None  # cap on the kept share of the KV cache (latent only)
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,7 @@ class CompressResult:
     seconds: dict[str, float]  # per stage: compress (and, in one shot, calibrate and allocate)
     factor_dtype: FactorDType | None = None
     compensation: CompensationResult | None = None
+    kv_kept: float | None = None  # latent cache: Σ (r_k + r_v) / Σ 2 num_kv_heads · head_dim over the layers
 
 
 def check_output(out: Path, force: bool) -> None:
@@ -86,12 +92,53 @@ def check_merge(merge: bool, factor_dtype: str | None) -> None:
         raise SwiftSVDError(f"--merge writes dense float weights: it does not combine with {factor_dtype} factors")
 
 
+def check_kv_options(kv_cache: str, kv_ratio: float | None, merge: bool) -> KVCache:
+    """Refuse contradictory KV settings before any work is done."""
+    mode = choice(KVCache, kv_cache)
+    if mode == KVCache.LATENT and merge:
+        raise SwiftSVDError("--kv-cache latent needs the factored checkpoint: it cannot be combined with --merge")
+    if kv_ratio is not None:
+        if mode != KVCache.LATENT:
+            raise SwiftSVDError("--kv-ratio only saves memory with --kv-cache latent: pass both")
+        if not 0.0 < kv_ratio <= 1.0:
+            raise SwiftSVDError(f"--kv-ratio {kv_ratio} is outside (0, 1]: it is the fraction of the KV cache kept")
+    return mode
+
+
+def with_kv_ratio(plan: RankPlan, spec: ArchSpec, kv_ratio: float, work: Path, index: EigenIndex) -> RankPlan:
+    """The plan with every k/v rank capped at floor(kv_ratio · m), losses and achieved ratio recomputed.
+
+    The cap only lowers ranks (the weight budget of the plan is never exceeded); a k/v the plan left dense
+    becomes factored at the cap.
+    """
+    spectra = read_eigenvalues(work, index, spec.kv)
+
+    def capped(p: ModulePlan) -> ModulePlan:
+        rank = min(p.rank, kv_rank_cap(p.m, kv_ratio))
+        return module_plan(p.layer, p.module, (p.m, p.n), rank, spectra[(p.layer, p.module)], p.importance)
+
+    modules = [capped(p) if p.module in spec.kv else p for p in plan.modules]
+    return replace(plan, modules=modules, achieved_ratio=achieved_ratio((p.m, p.n, p.rank) for p in modules))
+
+
+def check_latent_plan(plan: RankPlan, spec: ArchSpec) -> None:
+    """A latent cache needs every k/v factored: name the first one the plan leaves dense."""
+    dense = [p for p in plan.modules if p.module in spec.kv and p.dense]
+    if dense:
+        first = dense[0]
+        raise SwiftSVDError(
+            f"--kv-cache latent needs factored k/v, but the plan keeps {len(dense)} dense (first: layer "
+            f"{first.layer} {first.module}, rank {first.rank}): pass --kv-ratio (e.g. 0.5) or a lower ratio"
+        )
+
+
 def run_compress(options: CompressOptions) -> CompressResult:
     """Factor every planned linear of `options.source` and save the result to `options.out`."""
     check_output(options.out, options.force)
     method = choice(Method, options.method)
     if options.compensate and method != Method.SWIFT:
         raise SwiftSVDError(f"--compensate fits Swift-SVD factors; it does not apply to --method {method}")
+    kv_cache = check_kv_options(options.kv_cache, options.kv_ratio, options.merge)
     start = time.perf_counter()
     plan = RankPlan.load(options.plan)
     check_ratio(plan.target_ratio)
@@ -100,6 +147,12 @@ def run_compress(options: CompressOptions) -> CompressResult:
     manifest = load_complete_manifest(work)
     if manifest.model.fingerprint != plan.model.fingerprint:
         raise SwiftSVDError(f"plan {options.plan} does not belong to the calibration in {work}")
+    spec = arch_for_type(manifest.model.model_type)
+    index = load_eigen_index(work, manifest)
+    if kv_cache == KVCache.LATENT:
+        if options.kv_ratio is not None:
+            plan = with_kv_ratio(plan, spec, options.kv_ratio, work, index)
+        check_latent_plan(plan, spec)
     device = options.source.compute_device
     loaded = options.source.load(keep_on_cpu=options.compensate)  # compensation moves one layer at a time
     if loaded.fingerprint != plan.model.fingerprint:
@@ -107,7 +160,11 @@ def run_compress(options: CompressOptions) -> CompressResult:
             f"plan {options.plan} was made for another model ({plan.model.model_id}), not '{options.source.model}'"
         )
     model = loaded.model
-    spec = arch_for(model.config)
+    if kv_cache == KVCache.LATENT:
+        try:
+            check_latent_kv_support(model)
+        except LatentKVError as error:
+            raise SwiftSVDError(str(error)) from None
     before = weight_count(model)
     compensation: CompensationResult | None = None
     if options.compensate:
@@ -117,7 +174,7 @@ def run_compress(options: CompressOptions) -> CompressResult:
         windows = manifest_windows(manifest, loaded.tokenizer)
         compensation = compensate(model, spec, windows, planned, BATCH_SIZE, device, install)
     else:
-        factors = FactorSource(method, work, manifest, load_eigen_index(work, manifest), spec, device)
+        factors = FactorSource(method, work, manifest, index, spec, device)
         with progress() as bar:
             task = bar.add_task("factorising", total=manifest.model.num_layers)
             apply_factors(
@@ -150,10 +207,16 @@ def run_compress(options: CompressOptions) -> CompressResult:
         if factor_dtype == FactorDType.INT8
         else [],
         compensation=None if compensation is None else compensation_record(compensation, manifest.settings),
+        kv_cache=str(kv_cache),
+        kv_ratio=options.kv_ratio,
     )
     save_compressed(model, loaded.tokenizer, section, options.out)
     seconds = {"compress": time.perf_counter() - start}
-    return CompressResult(options.out, plan, work, before, weight_count(model), seconds, factor_dtype, compensation)
+    kv = [p for p in plan.modules if p.module in spec.kv]
+    kv_kept = sum(p.rank for p in kv) / sum(p.m for p in kv) if kv_cache == KVCache.LATENT else None
+    return CompressResult(
+        options.out, plan, work, before, weight_count(model), seconds, factor_dtype, compensation, kv_kept
+    )
 
 
 def compensation_record(result: CompensationResult, settings: CalibrationSettings) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any
 from swiftsvd_cli.artifacts.eval_report import EvalReport, TargetReport
 from swiftsvd_cli.artifacts.provenance import make_provenance
 from swiftsvd_cli.config import (
+    BENCH_BATCH_SIZE,
     BENCH_NEW_TOKENS,
     BENCH_PROMPT_LEN,
     BENCH_REPEATS,
@@ -51,6 +52,7 @@ class EvalOptions:
     bench: bool = False
     bench_prompt_len: int = BENCH_PROMPT_LEN
     bench_new_tokens: int = BENCH_NEW_TOKENS
+    bench_batch_size: int = BENCH_BATCH_SIZE  # sequences generated at once (long batched generations show the KV)
     bench_repeats: int = BENCH_REPEATS
     output: Path | None = None
     force: bool = False
@@ -226,6 +228,7 @@ def _measure(loaded: Any, options: EvalOptions, texts: dict[str, Any], prepared:
             model,
             prompt_len=options.bench_prompt_len,
             new_tokens=options.bench_new_tokens,
+            batch_size=options.bench_batch_size,
             repeats=options.bench_repeats,
             rss_baseline=rss,
         )
@@ -270,8 +273,8 @@ def evaluate(options: EvalOptions) -> EvalReport:
         },
         "zero_shot": {"tasks": zs_names, "num_fewshot": 0, "limit": options.zeroshot_limit},
         "bench": {
-            **{key: getattr(options, f"bench_{key}") for key in ("prompt_len", "new_tokens", "repeats")},
-            "batch_size": 1,
+            **{key: getattr(options, f"bench_{key}") for key in ("prompt_len", "new_tokens", "batch_size", "repeats")},
+            "kv_cache_bytes_per_token": "bytes the cache holds after a prefill / (batch_size x prompt_len)",
             "decoding": "greedy, min_new_tokens = new_tokens",
         }
         if options.bench

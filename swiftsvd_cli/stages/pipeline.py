@@ -22,6 +22,7 @@ from swiftsvd_cli.config import (
     BATCH_SIZE,
     DATA,
     DELTA,
+    KV_CACHE,
     METHOD,
     SAMPLES,
     SEED,
@@ -29,6 +30,7 @@ from swiftsvd_cli.config import (
     STRATEGY,
     VAL_SAMPLES,
     FactorDType,
+    KVCache,
     Method,
     Strategy,
 )
@@ -38,7 +40,14 @@ from swiftsvd_cli.model.loading import DEMO, ModelSource
 from swiftsvd_cli.recipes import load_recipe
 from swiftsvd_cli.stages.allocate import AllocateOptions, check_target, run_allocate
 from swiftsvd_cli.stages.calibrate import CalibrateOptions, run_calibrate
-from swiftsvd_cli.stages.compress import CompressOptions, CompressResult, check_merge, check_output, run_compress
+from swiftsvd_cli.stages.compress import (
+    CompressOptions,
+    CompressResult,
+    check_kv_options,
+    check_merge,
+    check_output,
+    run_compress,
+)
 
 logger = logging.getLogger("swiftsvd")
 
@@ -57,6 +66,8 @@ class OneShotOptions:
     method: Method = METHOD
     merge: bool = False
     compensate: bool = False  # error-compensated factors (ratio-specific, see `CompressOptions`)
+    kv_cache: KVCache = KV_CACHE
+    kv_ratio: float | None = None
     data: str | None = None
     samples: int | None = None
     seqlen: int | None = None
@@ -120,6 +131,7 @@ def run_oneshot(options: OneShotOptions) -> CompressResult:
         options.merge, check_target(options.ratio, options.bytes_ratio, options.factor_dtype, options.target_ppl)
     )
     distributed.main_decides(lambda: check_output(options.out, options.force))  # the main process writes OUT
+    check_kv_options(options.kv_cache, options.kv_ratio, options.merge)
     model = options.source.model
     defaults = model_defaults(model)
     data = options.data or defaults["data"]
@@ -174,6 +186,8 @@ def run_oneshot(options: OneShotOptions) -> CompressResult:
         method=options.method,
         merge=options.merge,
         compensate=options.compensate,
+        kv_cache=options.kv_cache,
+        kv_ratio=options.kv_ratio,
         force=options.force,
         factor_dtype=options.factor_dtype,
     )

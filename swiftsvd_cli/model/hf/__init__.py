@@ -6,7 +6,7 @@ model. They import only torch, transformers, the standard library and each other
 (transformers' dynamic-module loader copies relatively imported siblings), and swiftsvd imports the very same
 modules: the code beside the weights and the code `load_compressed` runs are one source.
 
-To ship a new module (a latent KV-cache attention, quantised factors): add the file here, import it relatively
+To ship a new module: add the file here, import it relatively
 from `modeling_swiftsvd.py` (or from a module it imports), append its name to `SHIPPED`, and switch it on from a
 field of the config's `swiftsvd` section. tests/test_hf_checkpoint.py checks that the list is closed under
 relative imports and that the modules stay self-contained.
@@ -15,4 +15,4 @@ relative imports and that the modules stay self-contained.
 from pathlib import Path
 
 SOURCE = Path(__file__).parent
-SHIPPED = ("configuration_swiftsvd.py", "modeling_swiftsvd.py", "lowrank.py", "qlinear.py")
+SHIPPED = ("configuration_swiftsvd.py", "modeling_swiftsvd.py", "lowrank.py", "qlinear.py", "latent_kv.py")

@@ -6,6 +6,8 @@ then the ranks in `config.swiftsvd["ranks"]` swap in the factored modules, so th
 checkpoint's `<module>.A.weight` / `<module>.B.weight` names and every weight loads as saved. With
 `config.swiftsvd["factor_dtype"]` "int8" every target linear is an `Int8Linear` instead (`qweight` int8 codes +
 `scale` float32 per row): both factors of a factored one, and the weight of each listed in `int8_dense`.
+With `config.swiftsvd["kv_cache"]` "latent" the attention then caches the k/v latents (`latent_kv`), so plain
+transformers and `load_compressed` run the same latent cache.
 """
 
 from typing import Any
@@ -19,12 +21,14 @@ from .configuration_swiftsvd import (
     SwiftSVDQwen2Config,
     SwiftSVDQwen3Config,
 )
+from .latent_kv import install_latent_kv
 from .lowrank import factor_modules
 from .qlinear import int8_modules
 
 
 class LowRankMixin(nn.Module):
-    """Put before the family's CausalLM class: after its `__init__`, swap in the factored (or int8) linears."""
+    """Put before the family's CausalLM class: after its `__init__`, swap in the factored (or int8) linears and,
+    for a latent-KV checkpoint, the latent attention (a `LatentKVError` if the model cannot run it exactly)."""
 
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)  # the family's CausalLM, next in the MRO
@@ -33,6 +37,8 @@ class LowRankMixin(nn.Module):
             int8_modules(self, section["ranks"], section.get("int8_dense", []))
         else:
             factor_modules(self, section["ranks"])
+        if section.get("kv_cache") == "latent":
+            install_latent_kv(self)
 
 
 class SwiftSVDLlamaForCausalLM(LowRankMixin, LlamaForCausalLM):
