@@ -624,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         "stability": stability,
     }
     result["acceptance"] = acceptance(rows, factor_times, stability)
-    spectra = read_eigenvalues(args.work, EigenIndex.load(args.work), spec.modules)
+    spectra = read_eigenvalues(args.work, EigenIndex.load(args.work), manifest.shapes, spec.modules)
     middle = plans.get((args.ratios[len(args.ratios) // 2], Strategy.DYNAMIC))
     result["figures"] = plots(result, spectra, manifest.shapes, manifest.importance(), middle and middle[0], args.out)
     atomic_write_json(args.out / "benchmark.json", result)

@@ -342,6 +342,6 @@ def test_baseline_names_the_input_statistic_it_lacks(
     linears = target_linears(decoder_layers(model, LLAMA)[0], LLAMA)
     for method, key in (("svd-llm", "attn_in.gram"), ("asvd", "attn_in.abs_sum")):
         source = FactorSource(method, work, CalibrationManifest.load(work), EigenIndex.load(work), LLAMA, "cpu")
-        monkeypatch.setattr(source, "_read", lambda shard: {"tokens": torch.tensor(4)})
+        monkeypatch.setattr(source, "_read", lambda shard, expect: {"tokens": torch.tensor(4)})
         with pytest.raises(SwiftSVDError, match=f"no '{key}'.*'{method}' needs"):
             source(0, linears, {"self_attn.q_proj": 2})

@@ -8,11 +8,12 @@ its `ranks`, `factor_dtype` and `int8_dense` to build the factored modules befor
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from swiftsvd_cli.artifacts.format import Artifact, Upgrade, load_artifact
+from swiftsvd_cli.artifacts.format import MODULE_NAME, Artifact, Upgrade, load_artifact
 from swiftsvd_cli.artifacts.provenance import Provenance
 
 SECTION = "swiftsvd"  # key in config.json; also read by swiftsvd_cli/model/hf (keep the two in step)
@@ -89,6 +90,18 @@ class CompressedSection(Artifact):
     compensation: dict[str, Any] | None = None  # --compensate: objective, calibration, damping, seconds
     kv_cache: str = "dense"  # "latent": the attention caches the k/v latents B x, not keys and values
     kv_ratio: float | None = None  # the --kv-ratio cap on the k/v ranks, if one was given
+
+    def __post_init__(self) -> None:
+        """Refuse what no compress writes: the shipped modeling code builds modules from these names and ranks."""
+        bad = [f"{name}: {rank}" for name, rank in self.ranks.items() if not MODULE_NAME.fullmatch(name) or rank < 0]
+        bad += [name for name in self.int8_dense if not MODULE_NAME.fullmatch(name)]
+        if bad:
+            raise ValueError(f"not a module name and rank: {', '.join(bad[:3])}")
+        if self.factor_dtype not in (None, "int8"):
+            raise ValueError(f"unknown factor_dtype {self.factor_dtype!r}")
+        ratios = (self.target_ratio, self.achieved_ratio, *(() if self.alpha is None else (self.alpha,)))
+        if not all(math.isfinite(r) and 0 <= r <= 1 for r in ratios):
+            raise ValueError(f"ratio or alpha outside [0, 1]: {ratios}")
 
 
 def load_section(directory: Path) -> CompressedSection:

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from swiftsvd_cli.artifacts import store
 from swiftsvd_cli.artifacts.format import Artifact, load_artifact
 from swiftsvd_cli.artifacts.manifest import CalibrationManifest
 from swiftsvd_cli.artifacts.provenance import Provenance
+from swiftsvd_cli.errors import SwiftSVDError
 
 INDEX = "eigen/index.json"
 
@@ -34,6 +35,10 @@ class EigenRecord:
 
     shard: store.Shard
     gram_sha256: str
+
+    def __post_init__(self) -> None:
+        if not store.SHA256.fullmatch(self.gram_sha256):
+            raise ValueError(f"eigen record of {self.shard.file}: {self.gram_sha256!r} is not a SHA-256")
 
 
 @dataclass(frozen=True)
@@ -69,14 +74,35 @@ class EigenIndex(Artifact):
         return load_artifact(cls, work / INDEX)
 
 
+def eigen_tensors(shapes: dict[str, tuple[int, int]], modules: tuple[str, ...]) -> dict[str, store.TensorSpec]:
+    """What an eigen shard holds per module (m, n): all min(m, n) eigenvalues and the top eigenvectors (m, k)."""
+    tensors: dict[str, store.TensorSpec] = {}
+    for name in modules:
+        m, n = shapes[name]
+        tensors |= {f"{name}.eigenvalues": (torch.float64, (min(m, n),)), f"{name}.vectors": (torch.float32, (m, None))}
+    return tensors
+
+
 def read_eigenvalues(
-    work: Path, index: EigenIndex, modules: tuple[str, ...], *, verify: bool = True
+    work: Path, index: EigenIndex, shapes: dict[str, tuple[int, int]], modules: tuple[str, ...], *, verify: bool = True
 ) -> dict[tuple[int, str], torch.Tensor]:
     """All spectra, (layer, module) -> eigenvalues, read without loading the eigenvectors."""
     spectra: dict[tuple[int, str], torch.Tensor] = {}
+    expect = eigen_tensors(shapes, modules)
     for layer, record in sorted(index.layers.items()):
         path = store.check_shard(work, record.shard, verify=verify)
-        with safe_open(str(path), framework="pt") as handle:
-            for name in modules:
-                spectra[(layer, name)] = handle.get_tensor(f"{name}.eigenvalues")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                names = set(handle.keys())
+                if names != expect.keys():
+                    raise SwiftSVDError(
+                        f"corrupt shard {path}: missing tensors {sorted(expect.keys() - names)}, unexpected "
+                        f"tensors {sorted(names - expect.keys())}: delete it and rerun"
+                    )
+                for name in modules:
+                    key = f"{name}.eigenvalues"
+                    spectra[(layer, name)] = handle.get_tensor(key)
+                    store.check_tensor(path, key, spectra[(layer, name)], expect[key])
+        except SafetensorError as error:
+            raise SwiftSVDError(f"corrupt shard {path}: {error}") from error
     return spectra

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -20,6 +21,8 @@ from swiftsvd_cli.artifacts.store import atomic_write_json, read_json
 from swiftsvd_cli.errors import SwiftSVDError
 
 A = TypeVar("A", bound="Artifact")
+MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.\w+)*")
+"""A module name as artifacts record it ("self_attn.q_proj", "model.layers.0.mlp.up_proj"): never `../x` or a path."""
 Upgrade = Callable[[dict[str, Any]], dict[str, Any]]
 
 
@@ -75,14 +78,19 @@ def load_artifact(cls: type[A], path: Path, key: str | None = None) -> A:
     if not isinstance(data, dict):
         raise SwiftSVDError(f"{where} is not a swiftsvd {cls.TITLE}")
     version = data.get("format_version")
-    while isinstance(version, int) and version in cls.UPGRADES:
-        data = cls.UPGRADES[version](dict(data))
+    while isinstance(version, int) and not isinstance(version, bool) and version in cls.UPGRADES:
+        try:
+            data = cls.UPGRADES[version](dict(data))
+        except (KeyError, TypeError, ValueError) as error:
+            raise SwiftSVDError(
+                f"{where} is a malformed {cls.TITLE} of format {version} ({error}): {cls.REMEDY}"
+            ) from None
         version = data.get("format_version")
     kind = data.get("kind")
     if kind != cls.KIND:
         found = f"a swiftsvd '{kind}' artifact" if isinstance(kind, str) else "no swiftsvd artifact"
         raise SwiftSVDError(f"{where} is {found}, not a {cls.TITLE}")
-    if version != cls.FORMAT_VERSION:
+    if version != cls.FORMAT_VERSION or isinstance(version, bool):
         raise VersionMismatchError(
             f"{where}: {cls.TITLE} format version {version}, this swiftsvd reads version {cls.FORMAT_VERSION}: "
             f"{cls.REMEDY}"

@@ -9,13 +9,17 @@ eigenbases) never load the model.
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
+
 from swiftsvd_cli.artifacts.format import Artifact, load_artifact
 from swiftsvd_cli.artifacts.provenance import Provenance
-from swiftsvd_cli.artifacts.store import Shard
+from swiftsvd_cli.artifacts.store import Shard, TensorSpec
 from swiftsvd_cli.errors import SwiftSVDError
 
 MANIFEST = "manifest.json"
@@ -31,6 +35,10 @@ class ModelInfo:
     fingerprint: str
     model_type: str
     num_layers: int
+
+    def __post_init__(self) -> None:
+        if self.num_layers < 1:
+            raise ValueError(f"num_layers {self.num_layers} < 1")
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,10 @@ class LayerRecord:
     tokens: int
     importance: float
 
+    def __post_init__(self) -> None:
+        if self.tokens < 1 or not math.isfinite(self.importance):
+            raise ValueError(f"layer record of {self.shard.file}: tokens {self.tokens}, importance {self.importance}")
+
 
 @dataclass(frozen=True)
 class CalibrationManifest(Artifact):
@@ -71,6 +83,22 @@ class CalibrationManifest(Artifact):
     options: dict[str, Any]  # the resolved options of the run that created it (batch size, device, ...)
     provenance: Provenance
     layers: dict[int, LayerRecord] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad_shapes = [name for name, (m, n) in self.shapes.items() if m < 1 or n < 1]
+        if bad_shapes:
+            raise ValueError(f"non-positive shape of {', '.join(bad_shapes)}")
+        outside = [index for index in self.layers if not 0 <= index < self.model.num_layers]
+        if outside:
+            raise ValueError(f"layer(s) {outside} outside 0..{self.model.num_layers - 1}")
+
+    def gram_tensors(self, groups: Mapping[str, tuple[str, ...]]) -> dict[str, TensorSpec]:
+        """What a covariance shard holds: per input group its Gram (n, n) and Σ|x| (n,), and the token count."""
+        tensors: dict[str, TensorSpec] = {"tokens": (torch.int64, ())}
+        for group, names in groups.items():
+            n = self.shapes[names[0]][1]
+            tensors |= {f"{group}.gram": (torch.float64, (n, n)), f"{group}.abs_sum": (torch.float64, (n,))}
+        return tensors
 
     @property
     def complete(self) -> bool:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import Tensor
 
-from swiftsvd_cli.artifacts.format import Artifact, Upgrade, load_artifact
-from swiftsvd_cli.artifacts.manifest import ModelInfo
+from swiftsvd_cli.artifacts.format import MODULE_NAME, Artifact, Upgrade, load_artifact
+from swiftsvd_cli.artifacts.manifest import MANIFEST, CalibrationManifest, ModelInfo, load_complete_manifest
 from swiftsvd_cli.artifacts.provenance import Provenance
 from swiftsvd_cli.core.allocation import is_dense, matrix_kind, parameter_count
 from swiftsvd_cli.core.linalg import effective_rank, loss_at_rank, normalized_effective_rank
+from swiftsvd_cli.errors import SwiftSVDError
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,21 @@ class ModulePlan:
     effective_rank: float
     ner: float
     importance: float
+
+    def __post_init__(self) -> None:
+        """Refuse what no allocate writes, so a hand-edited plan fails on load, not deep inside compress."""
+        where = f"layer {self.layer} {self.module!r}"
+        if not MODULE_NAME.fullmatch(self.module):
+            raise ValueError(f"{where}: not a module path")
+        if self.layer < 0 or self.m < 1 or self.n < 1:
+            raise ValueError(f"{where}: layer {self.layer}, shape ({self.m}, {self.n})")
+        if not 0 <= self.rank <= min(self.m, self.n):
+            raise ValueError(f"{where}: rank {self.rank} outside 0..min(m, n) = {min(self.m, self.n)}")
+        if self.dense != is_dense(self.m, self.n, self.rank):
+            raise ValueError(f"{where}: dense is {self.dense} at rank {self.rank} of ({self.m}, {self.n})")
+        numbers = (self.predicted_loss, self.relative_loss, self.effective_rank, self.ner, self.importance)
+        if not all(math.isfinite(number) for number in numbers):
+            raise ValueError(f"{where}: NaN or Inf among its losses, ranks and importance")
 
     @property
     def kind(self) -> str:
@@ -92,6 +109,34 @@ class RankPlan(Artifact):
     bytes_ratio: float | None = None  # target share of the 16-bit target-linear bytes, if sized by bytes
     achieved_bytes_ratio: float | None = None  # stored bytes / 16-bit bytes of the target linears
     target: dict[str, Any] = field(default_factory=dict)  # --target-ppl: the target and the ratio search's steps
+
+    def __post_init__(self) -> None:
+        ratios = (self.target_ratio, self.achieved_ratio, self.bytes_ratio)
+        if not all(r is None or (math.isfinite(r) and 0 <= r <= 1) for r in ratios) or self.target_ratio == 0:
+            raise ValueError(f"ratios {ratios} outside (0, 1]")
+        if self.achieved_bytes_ratio is not None and not math.isfinite(self.achieved_bytes_ratio):
+            raise ValueError(f"achieved_bytes_ratio {self.achieved_bytes_ratio}")
+        if not all(x is None or (math.isfinite(x) and 0 <= x <= 1) for x in (self.alpha, self.delta)):
+            raise ValueError(f"alpha {self.alpha} or delta {self.delta} outside [0, 1]")
+        keys = [(p.layer, p.module) for p in self.modules]
+        if len(set(keys)) != len(keys):
+            raise ValueError("a module is planned twice")
+
+    def calibration(self, path: Path) -> CalibrationManifest:
+        """The complete calibration this plan (at `path`) was made from; a plan that does not fit it is refused."""
+        work = Path(self.work)
+        if not (work / MANIFEST).is_file():
+            raise SwiftSVDError(f"plan {path} names WORK '{self.work}', which holds no calibration: {self.REMEDY}")
+        manifest = load_complete_manifest(work)
+        if manifest.model.fingerprint != self.model.fingerprint:
+            raise SwiftSVDError(f"plan {path} does not belong to the calibration in {self.work}")
+        for p in self.modules:
+            if p.layer >= manifest.model.num_layers or manifest.shapes.get(p.module) != (p.m, p.n):
+                raise SwiftSVDError(
+                    f"plan {path} names layer {p.layer} {p.module!r} ({p.m}x{p.n}), which the calibrated model "
+                    f"({manifest.model.num_layers} layers) does not have: {self.REMEDY}"
+                )
+        return manifest
 
     def ranks(self, layers_path: str) -> dict[str, int]:
         """Full module name -> rank for every factored (non-dense) module."""

@@ -10,9 +10,11 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -80,6 +82,11 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+SHA256 = re.compile(r"[0-9a-f]{64}")
+TensorSpec = tuple[torch.dtype, tuple[int | None, ...]]
+"""What a shard's tensor must be: its dtype and shape (None: any size along that dimension)."""
+
+
 @dataclass(frozen=True)
 class Shard:
     """One tensor file of an artifact, relative to the artifact's root, with its checksum."""
@@ -87,6 +94,16 @@ class Shard:
     file: str
     sha256: str
     bytes: int
+
+    def __post_init__(self) -> None:
+        """A manifest names files inside its own artifact only: never `/etc/x`, never `../x`."""
+        relative = PurePosixPath(self.file)
+        if not self.file or relative.is_absolute() or ".." in relative.parts or "\\" in self.file:
+            raise ValueError(f"shard path {self.file!r} is not a plain path inside the artifact")
+        if not SHA256.fullmatch(self.sha256):
+            raise ValueError(f"shard {self.file}: {self.sha256!r} is not a SHA-256")
+        if self.bytes < 0:
+            raise ValueError(f"shard {self.file}: negative size {self.bytes}")
 
 
 def write_shard(root: Path, relative: str, tensors: dict[str, torch.Tensor]) -> Shard:
@@ -118,13 +135,45 @@ def shard_is_valid(root: Path, shard: Shard) -> bool:
     return True
 
 
-def read_shard(root: Path, shard: Shard, *, verify: bool = True) -> dict[str, torch.Tensor]:
-    """Load a shard after `check_shard`."""
+def read_shard(
+    root: Path, shard: Shard, *, verify: bool = True, expect: Mapping[str, TensorSpec] | None = None
+) -> dict[str, torch.Tensor]:
+    """Load a shard after `check_shard`; with `expect`, holding exactly the tensors it names, each as specified."""
     path = check_shard(root, shard, verify=verify)
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except SafetensorError as error:
         raise SwiftSVDError(f"corrupt shard {path}: {error}") from error
+    if expect is None:
+        return tensors
+    missing, extra = sorted(expect.keys() - tensors.keys()), sorted(tensors.keys() - expect.keys())
+    if missing or extra:
+        raise SwiftSVDError(
+            f"corrupt shard {path}: missing tensors {missing}, unexpected tensors {extra}: delete it and rerun"
+        )
+    for name, spec in expect.items():
+        check_tensor(path, name, tensors[name], spec)
+    return tensors
+
+
+def check_tensor(path: Path, name: str, tensor: torch.Tensor, spec: TensorSpec) -> None:
+    """Refuse a tensor of another dtype or shape than `spec`, or a floating one holding NaN or Inf.
+
+    The checksum proves a shard is the file its manifest recorded, not that the manifest's writer was sane:
+    a hand-edited or foreign manifest can checksum any file.
+    """
+    dtype, shape = spec
+    fits = len(tensor.shape) == len(shape) and all(
+        want in (None, got) for want, got in zip(shape, tensor.shape, strict=False)
+    )
+    if tensor.dtype != dtype or not fits:
+        wanted = "x".join("*" if size is None else str(size) for size in shape)
+        raise SwiftSVDError(
+            f"corrupt shard {path}: {name} is {tensor.dtype} {list(tensor.shape)}, expected {dtype} [{wanted}]: "
+            "delete it and rerun"
+        )
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise SwiftSVDError(f"shard {path}: {name} holds NaN or Inf: delete it and rerun the stage that wrote it")
 
 
 def differences(old: Any, new: Any) -> list[str]:

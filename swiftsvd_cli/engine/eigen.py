@@ -18,7 +18,7 @@ from swiftsvd_cli import distributed
 from swiftsvd_cli.artifacts import store
 from swiftsvd_cli.artifacts.eigen import INDEX, EigenIndex, EigenRecord, eigen_shard_name, read_eigenvalues
 from swiftsvd_cli.artifacts.format import VersionMismatchError
-from swiftsvd_cli.artifacts.manifest import CalibrationManifest
+from swiftsvd_cli.artifacts.manifest import MANIFEST, CalibrationManifest
 from swiftsvd_cli.artifacts.provenance import make_provenance
 from swiftsvd_cli.core.linalg import group_eigenbases
 from swiftsvd_cli.errors import SwiftSVDError
@@ -82,7 +82,7 @@ def ensure_eigenbases(
             task = bar.add_task("eigendecompositions", total=len(mine))
             for layer in mine:
                 gram_shard = manifest.layers[layer].shard
-                grams = store.read_shard(work, gram_shard)
+                grams = store.read_shard(work, gram_shard, expect=manifest.gram_tensors(spec.groups))
                 linears = target_linears(layers[layer], spec)
                 tensors: dict[str, torch.Tensor] = {}
                 for group, names in spec.groups.items():
@@ -106,15 +106,37 @@ def ensure_eigenbases(
     return index
 
 
-def load_matching_model(manifest: CalibrationManifest, spec: str | None, device: str) -> LoadedModel:
+def load_matching_model(work: Path, manifest: CalibrationManifest, spec: str | None, device: str) -> LoadedModel:
     """The calibrated model, refusing any other (a WORK from another model is a silent-garbage risk)."""
     loaded = load_model(spec or manifest.model.spec, revision=manifest.model.revision, dtype="float32", device=device)
     if loaded.fingerprint != manifest.model.fingerprint:
         raise SwiftSVDError(
-            f"model '{loaded.spec}' is not the one this WORK was calibrated on "
+            f"model '{loaded.spec}' is not the one {work} was calibrated on "
             f"({manifest.model.model_id}): pass the right model or recalibrate"
         )
     return loaded
+
+
+def calibrated_spec(work: Path, manifest: CalibrationManifest) -> ArchSpec:
+    """The architecture of a WORK's model, once its manifest records a shape for exactly its target linears."""
+    try:
+        spec = arch_for_type(manifest.model.model_type)
+    except SwiftSVDError as error:
+        raise SwiftSVDError(f"{work / MANIFEST}: {error}") from None
+    if set(manifest.shapes) != set(spec.modules):
+        raise SwiftSVDError(
+            f"{work / MANIFEST} records shapes of {sorted(manifest.shapes)}, not of the {manifest.model.model_type} "
+            f"target linears {sorted(spec.modules)}: {manifest.REMEDY}"
+        )
+    return spec
+
+
+def check_shapes(work: Path, manifest: CalibrationManifest, model: nn.Module, spec: ArchSpec) -> None:
+    """Refuse a manifest whose recorded shapes are not the model's (plans and byte counts are sized by them)."""
+    linears = target_linears(decoder_layers(model, spec)[0], spec)
+    actual = {name: (linear.out_features, linear.in_features) for name, linear in linears.items()}
+    if actual != manifest.shapes:
+        raise SwiftSVDError(f"{work / MANIFEST} records target shapes that are not the model's: {manifest.REMEDY}")
 
 
 @dataclass(frozen=True)
@@ -131,7 +153,7 @@ class CalibratedSpectra:
 
 def load_spectra(work: Path, manifest: CalibrationManifest, model: str | None, device: str) -> CalibratedSpectra:
     """Every spectrum of a WORK; the model is loaded only to eigendecompose layers that are not cached yet."""
-    spec = arch_for_type(manifest.model.model_type)
+    spec = calibrated_spec(work, manifest)
 
     def cached() -> tuple[EigenIndex, list[int]]:
         index = load_eigen_index(work, manifest)
@@ -141,7 +163,8 @@ def load_spectra(work: Path, manifest: CalibrationManifest, model: str | None, d
     index, missing = distributed.main_decides(cached)  # one view of the cache, before any process writes to it
     loaded = None
     if missing:
-        loaded = load_matching_model(manifest, model, device)
+        loaded = load_matching_model(work, manifest, model, device)
+        check_shapes(work, manifest, loaded.model, spec)
         index = ensure_eigenbases(work, manifest, index, missing, loaded.model, spec, device)
-    eigenvalues = read_eigenvalues(work, index, spec.modules, verify=False)
+    eigenvalues = read_eigenvalues(work, index, manifest.shapes, spec.modules, verify=False)
     return CalibratedSpectra(spec, index, eigenvalues, dict(manifest.shapes), missing, loaded)

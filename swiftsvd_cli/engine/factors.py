@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from swiftsvd_cli.artifacts import store
-from swiftsvd_cli.artifacts.eigen import EigenIndex
+from swiftsvd_cli.artifacts.eigen import EigenIndex, eigen_tensors
 from swiftsvd_cli.artifacts.manifest import CalibrationManifest
 from swiftsvd_cli.config import Method, choice
 from swiftsvd_cli.core.allocation import is_dense
@@ -62,8 +62,8 @@ class FactorSource:
         self.work, self.manifest, self.eigen, self.spec, self.device = work, manifest, eigen, spec, device
         self._verified: set[str] = set()
 
-    def _read(self, shard: store.Shard) -> dict[str, torch.Tensor]:
-        tensors = store.read_shard(self.work, shard, verify=shard.file not in self._verified)
+    def _read(self, shard: store.Shard, expect: dict[str, store.TensorSpec]) -> dict[str, torch.Tensor]:
+        tensors = store.read_shard(self.work, shard, verify=shard.file not in self._verified, expect=expect)
         self._verified.add(shard.file)
         return tensors
 
@@ -90,14 +90,14 @@ class FactorSource:
                 raise SwiftSVDError(
                     f"{self.work} has no eigenbasis of layer {index}'s current Gram: rerun `swiftsvd allocate`"
                 )
-            bases = self._read(record.shard)
+            bases = self._read(record.shard, eigen_tensors(self.manifest.shapes, self.spec.modules))
             return {
                 name: factorize(W, bases[f"{name}.vectors"].to(device=device, dtype=torch.float64), ranks[name])
                 for name, W in weights.items()
             }
         if self.method == Method.SVD:
             return {name: svd_factors(W, ranks[name]) for name, W in weights.items()}
-        stats = self._read(self.manifest.layers[index].shard)
+        stats = self._read(self.manifest.layers[index].shard, self.manifest.gram_tensors(self.spec.groups))
         tokens = float(stats["tokens"])
         factors: Factors = {}
         for name, W in weights.items():

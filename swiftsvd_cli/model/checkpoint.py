@@ -19,6 +19,9 @@ import shutil
 from pathlib import Path
 from typing import Any, cast
 
+import torch
+from safetensors import SafetensorError
+
 from swiftsvd_cli.artifacts.compressed import MERGED_FILE, SECTION, CompressedSection
 from swiftsvd_cli.artifacts.format import load_artifact
 from swiftsvd_cli.artifacts.store import make_temp_dir, read_json
@@ -82,7 +85,10 @@ def save_compressed(model: Any, tokenizer: Any, section: CompressedSection, out:
 def is_factored(directory: Path) -> bool:
     """Whether a local model directory is a factored swiftsvd checkpoint (of any format version)."""
     config = directory / "config.json"
-    return config.is_file() and isinstance(read_json(config, "model config").get(SECTION), dict)
+    if not config.is_file():
+        return False
+    raw = read_json(config, "model config")
+    return isinstance(raw, dict) and isinstance(raw.get(SECTION), dict)
 
 
 def load_compressed(path: str | Path, dtype: str = DTYPE, device: str = "cpu") -> tuple[Any, Any]:
@@ -97,16 +103,26 @@ def load_compressed(path: str | Path, dtype: str = DTYPE, device: str = "cpu") -
     raw = read_json(path / "config.json", "model config")
     family = _family(raw.get("model_type"), path)
     values = {key: value for key, value in raw.items() if key not in _NOT_CONFIG}
-    config = CONFIGS[family].from_dict(values)
-    torch_dtype = resolve_dtype(dtype, device, checkpoint_dtype(config))
     try:
+        config = CONFIGS[family].from_dict(values)
+        torch_dtype = resolve_dtype(dtype, device, checkpoint_dtype(config))
         loaded = MODELS[family].from_pretrained(path, config=config, dtype=torch_dtype, output_loading_info=True)
     except LatentKVError as error:
         raise SwiftSVDError(f"{path}: {error}") from None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError, SafetensorError) as error:
+        # A damaged config.json or model.safetensors: say which directory, not where transformers tripped.
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SwiftSVDError(f"cannot load the compressed model in {path} (corrupt?): {reason}") from error
     model, info = cast(tuple[Any, dict[str, Any]], loaded)
-    missing = info["missing_keys"]
-    if missing:
-        raise SwiftSVDError(f"{path} lacks weights for {sorted(missing)[0]} (and {len(missing) - 1} more): corrupt?")
+    for problem, keys in (
+        ("lacks weights for", info["missing_keys"]),
+        ("has unexpected weights", info["unexpected_keys"]),
+    ):
+        if keys:
+            raise SwiftSVDError(f"{path} {problem} {sorted(keys)[0]} (and {len(keys) - 1} more): corrupt?")
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise SwiftSVDError(f"{path}: weight {name} holds NaN or Inf: compress the model again")
     model.to(device).eval()
     return model, AutoTokenizer.from_pretrained(path, config=config)  # no AutoConfig: it would ask for remote code
 

@@ -297,7 +297,7 @@ def validator(
     options: AllocateOptions, manifest: CalibrationManifest, calibrated: CalibratedSpectra, device: str
 ) -> Validator:
     """`--val-samples` windows evenly spaced over the validation split, never the test split `eval` reports on."""
-    loaded = calibrated.loaded or load_matching_model(manifest, options.model, device)
+    loaded = calibrated.loaded or load_matching_model(options.work, manifest, options.model, device)
     seqlen = options.val_seqlen or manifest.settings.seqlen
     source = validation_text(options.val_data, manifest)
     windows = spread_windows(tokenize(loaded.tokenizer, source.text), seqlen, options.val_samples)

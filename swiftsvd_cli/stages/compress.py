@@ -17,14 +17,14 @@ from typing import Any
 from swiftsvd_cli.artifacts.compressed import CompressedSection
 from swiftsvd_cli.artifacts.eigen import EigenIndex, read_eigenvalues
 from swiftsvd_cli.artifacts.format import jsonable
-from swiftsvd_cli.artifacts.manifest import CalibrationSettings, load_complete_manifest
+from swiftsvd_cli.artifacts.manifest import CalibrationSettings
 from swiftsvd_cli.artifacts.plan import ModulePlan, RankPlan, module_plan
 from swiftsvd_cli.artifacts.provenance import make_provenance
 from swiftsvd_cli.artifacts.store import sha256_file
 from swiftsvd_cli.config import BATCH_SIZE, KV_CACHE, METHOD, FactorDType, KVCache, Method, check_ratio, choice
 from swiftsvd_cli.core.allocation import achieved_ratio, kv_rank_cap
 from swiftsvd_cli.engine.compensate import CompensationResult, compensate, manifest_windows
-from swiftsvd_cli.engine.eigen import load_eigen_index
+from swiftsvd_cli.engine.eigen import calibrated_spec, check_shapes, load_eigen_index
 from swiftsvd_cli.engine.factors import FactorSource, apply_factors, install_factors
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.log import progress
@@ -144,10 +144,8 @@ def run_compress(options: CompressOptions) -> CompressResult:
     check_ratio(plan.target_ratio)
     factor_dtype = resolve_factor_dtype(options.factor_dtype, plan, options.merge)
     work = Path(plan.work)
-    manifest = load_complete_manifest(work)
-    if manifest.model.fingerprint != plan.model.fingerprint:
-        raise SwiftSVDError(f"plan {options.plan} does not belong to the calibration in {work}")
-    spec = arch_for_type(manifest.model.model_type)
+    manifest = plan.calibration(options.plan)
+    spec = calibrated_spec(work, manifest)  # a broken manifest fails before the (slow) model load
     index = load_eigen_index(work, manifest)
     if kv_cache == KVCache.LATENT:
         if options.kv_ratio is not None:
@@ -165,6 +163,7 @@ def run_compress(options: CompressOptions) -> CompressResult:
             check_latent_kv_support(model)
         except LatentKVError as error:
             raise SwiftSVDError(str(error)) from None
+    check_shapes(work, manifest, model, spec)
     before = weight_count(model)
     compensation: CompensationResult | None = None
     if options.compensate:
