@@ -138,7 +138,8 @@ def _load_dense(
             "download it elsewhere and pass the local directory instead"
         ) from error
     except ValueError as error:
-        raise SwiftSVDError(f"cannot load '{spec}': {error}".splitlines()[0]) from error
+        hint = " Pass --trust-remote-code only if you trust that code." if "custom code" in str(error) else ""
+        raise SwiftSVDError(f"cannot load '{spec}': {error}".splitlines()[0] + hint) from error
     torch_dtype = resolve_dtype(dtype, device, checkpoint_dtype(config))
     try:
         model = AutoModelForCausalLM.from_pretrained(
