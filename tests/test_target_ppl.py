@@ -50,7 +50,7 @@ def validation_windows(work: Path, tokenizer: Any) -> torch.Tensor:
 def validation_ppl(work: Path, ranks: dict[tuple[int, str], int]) -> float:
     """Validation perplexity of the plan `ranks` (dense reconstruction), scored from scratch."""
     manifest = CalibrationManifest.load(work)
-    loaded = load_matching_model(manifest, None, "cpu")
+    loaded = load_matching_model(work, manifest, None, "cpu")
     factors = FactorSource("swift", work, manifest, load_eigen_index(work, manifest), LLAMA, "cpu")
     windows = validation_windows(work, loaded.tokenizer)
     with reconstructed(loaded.model, LLAMA, ranks, factors):

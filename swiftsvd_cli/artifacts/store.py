@@ -7,12 +7,15 @@ renames it, so a killed run never leaves a torn file.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -42,23 +45,42 @@ def make_temp_dir(parent: Path, name: str) -> Path:
     return tmp
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call `write(tmp_path)` on a temp file in the target's folder, then rename it over the target."""
+def _atomic_write(path: Path, write: Any, size: int) -> None:
+    """Call `write(tmp_path)` on a temp file in the target's folder, then rename it over the target.
+
+    `size` (bytes, about) is what a full disk is reported to have needed.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        write(Path(tmp))
-        # after the write: mkstemp's 0600 (and safetensors' own re-created file) would hide artifacts from teammates
-        os.chmod(tmp, 0o666 & ~umask())
-        os.replace(tmp, path)
+        with no_space_error(path, size):
+            write(Path(tmp))
+            # after the write: mkstemp's 0600 (and safetensors' own re-created file) would hide artifacts from teammates
+            os.chmod(tmp, 0o666 & ~umask())
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
+@contextmanager
+def no_space_error(path: Path, size: int) -> Iterator[None]:
+    """A full disk (or quota) while writing `path` as a one-line error saying how much space it needed."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+        raise SwiftSVDError(
+            f"no space left on the device to write {path}: it needs about {size / 2**30:.2f} GiB ({size:,} bytes), "
+            f"{free / 2**30:.2f} GiB are free there; free some space or write elsewhere (nothing was replaced)"
+        ) from error
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), len(text.encode()))
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
@@ -109,7 +131,8 @@ class Shard:
 def write_shard(root: Path, relative: str, tensors: dict[str, torch.Tensor]) -> Shard:
     path = root / relative
     contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(contiguous, str(tmp)))
+    size = sum(tensor.numel() * tensor.element_size() for tensor in contiguous.values())
+    _atomic_write(path, lambda tmp: save_file(contiguous, str(tmp)), size)
     return Shard(file=relative, sha256=sha256_file(path), bytes=path.stat().st_size)
 
 

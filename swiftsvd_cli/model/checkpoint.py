@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 
 from swiftsvd_cli.artifacts.compressed import MERGED_FILE, SECTION, CompressedSection
 from swiftsvd_cli.artifacts.format import load_artifact
-from swiftsvd_cli.artifacts.store import make_temp_dir, read_json
+from swiftsvd_cli.artifacts.store import make_temp_dir, no_space_error, read_json
 from swiftsvd_cli.config import DTYPE
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.model.dtypes import checkpoint_dtype, resolve_dtype
@@ -66,14 +66,16 @@ def write_model_code(directory: Path) -> None:
 def save_compressed(model: Any, tokenizer: Any, section: CompressedSection, out: Path) -> None:
     """Write a compressed directory into a temp dir beside `out`, then swap it in: `out` is never half-written."""
     tmp = make_temp_dir(out.parent, out.name)
+    size = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if section.merged:
-            section.save(tmp / MERGED_FILE)
-        else:
-            factored_config(model.config, section).save_pretrained(tmp)  # replaces the base config.json
-            write_model_code(tmp)
+        with no_space_error(out, size):
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if section.merged:
+                section.save(tmp / MERGED_FILE)
+            else:
+                factored_config(model.config, section).save_pretrained(tmp)  # replaces the base config.json
+                write_model_code(tmp)
         if out.exists():  # only reached with --force
             shutil.rmtree(out)
         tmp.rename(out)
