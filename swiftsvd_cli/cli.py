@@ -237,6 +237,14 @@ def calibrate(
     revision: RevisionOpt = None,
     trust_remote_code: RemoteCodeOpt = False,
     force: ForceOpt = False,
+    skip_nonfinite: Annotated[
+        bool,
+        typer.Option(
+            "--skip-nonfinite",
+            help="Leave out calibration windows whose activations overflow (NaN/Inf) instead of stopping; the "
+            "manifest lists them per layer.",
+        ),
+    ] = False,
 ) -> None:
     """Accumulate float64 input Grams per layer and input group; resumes an interrupted run."""
     from swiftsvd_cli.model.loading import ModelSource
@@ -254,6 +262,7 @@ def calibrate(
         sampler=sampler,
         batch_size=batch_size,
         force=force,
+        skip_nonfinite=skip_nonfinite,
     )
     console.print(calibration_table(run_calibrate(options), out))
 

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from swiftsvd_cli.artifacts.format import Artifact, load_artifact
+from swiftsvd_cli.artifacts.format import Artifact, Upgrade, load_artifact
 from swiftsvd_cli.artifacts.provenance import Provenance
 from swiftsvd_cli.artifacts.store import Shard, TensorSpec
 from swiftsvd_cli.errors import SwiftSVDError
@@ -62,6 +62,7 @@ class LayerRecord:
     shard: Shard
     tokens: int
     importance: float
+    skipped: list[int] = field(default_factory=list)  # windows left out for NaN/Inf activations (--skip-nonfinite)
 
     def __post_init__(self) -> None:
         if self.tokens < 1 or not math.isfinite(self.importance):
@@ -73,7 +74,8 @@ class CalibrationManifest(Artifact):
     """A WORK's calibration; `layers` grows (through `with_layer`) as layers are calibrated."""
 
     KIND: ClassVar[str] = "calibration"
-    FORMAT_VERSION: ClassVar[int] = 2  # 2: shapes, options and provenance; eigen shards moved to eigen/index.json
+    FORMAT_VERSION: ClassVar[int] = 3  # 2: shapes, options, provenance, eigen/index.json; 3: skipped windows
+    UPGRADES: ClassVar[dict[int, Upgrade]] = {2: lambda data: data | {"format_version": 3}}  # 2 never skipped one
     TITLE: ClassVar[str] = "calibration manifest"
     REMEDY: ClassVar[str] = "recalibrate (`swiftsvd calibrate`) into a new directory, or pass --force"
 

@@ -20,13 +20,14 @@ from swiftsvd_cli.artifacts.eigen import INDEX, EigenIndex, EigenRecord, eigen_s
 from swiftsvd_cli.artifacts.format import VersionMismatchError
 from swiftsvd_cli.artifacts.manifest import MANIFEST, CalibrationManifest
 from swiftsvd_cli.artifacts.provenance import make_provenance
-from swiftsvd_cli.core.linalg import group_eigenbases
+from swiftsvd_cli.core.linalg import Eigenbasis, group_eigenbases
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.log import progress
 from swiftsvd_cli.model.architectures import ArchSpec, arch_for_type, decoder_layers, target_linears
 from swiftsvd_cli.model.loading import LoadedModel, load_model
 
 logger = logging.getLogger("swiftsvd")
+LinAlgError: type[Exception] = torch.linalg.LinAlgError  # type: ignore[attr-defined]  # public, not in the stubs
 
 
 def load_eigen_index(work: Path, manifest: CalibrationManifest) -> EigenIndex:
@@ -86,8 +87,8 @@ def ensure_eigenbases(
                 linears = target_linears(layers[layer], spec)
                 tensors: dict[str, torch.Tensor] = {}
                 for group, names in spec.groups.items():
-                    weights = {name: linears[name].weight.detach().to(device) for name in names}
-                    bases = group_eigenbases(weights, grams[f"{group}.gram"].to(device))
+                    weights = {name: linears[name].weight.detach() for name in names}
+                    bases = _eigenbases(weights, grams[f"{group}.gram"], device, f"layer {layer} {group}")
                     for name, basis in bases.items():
                         tensors[f"{name}.eigenvalues"] = basis.eigenvalues
                         tensors[f"{name}.vectors"] = basis.vectors.to(torch.float32)
@@ -104,6 +105,26 @@ def ensure_eigenbases(
         index.save(work / INDEX)
     distributed.barrier()  # the index is on disk before any process reads it
     return index
+
+
+def _eigenbases(weights: dict[str, torch.Tensor], G: torch.Tensor, device: str, where: str) -> dict[str, Eigenbasis]:
+    """`group_eigenbases` on `device`; if eigh does not converge there, once more in float64 on the CPU.
+
+    GPU eigensolvers fail to converge on some ill-conditioned matrices that the CPU's LAPACK handles; a
+    failure on the CPU too means the Gram itself is broken, which is the user's to know.
+    """
+    try:
+        return group_eigenbases({name: W.to(device) for name, W in weights.items()}, G.to(device))
+    except LinAlgError as error:
+        first = str(error).splitlines()[0]
+        logger.warning("%s: eigh did not converge on %s (%s); recomputing in float64 on the CPU", where, device, first)
+    try:
+        return group_eigenbases({name: W.cpu() for name, W in weights.items()}, G.cpu(), precision=torch.float64)
+    except LinAlgError as error:
+        raise SwiftSVDError(
+            f"{where}: the eigendecomposition did not converge on {device} nor in float64 on the CPU "
+            f"({str(error).splitlines()[0]}): recalibrate this WORK"
+        ) from error
 
 
 def load_matching_model(work: Path, manifest: CalibrationManifest, spec: str | None, device: str) -> LoadedModel:

@@ -12,6 +12,7 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from swiftsvd_cli.data.text import load_text, sample_windows
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.log import progress
 from swiftsvd_cli.model.architectures import ArchSpec, arch_for, decoder_layers, target_linears
-from swiftsvd_cli.model.layerwise import capture_first_layer_inputs, iterate_batches, layer_output
+from swiftsvd_cli.model.layerwise import LayerInputs, capture_first_layer_inputs, iterate_batches, layer_output
 from swiftsvd_cli.model.loading import LoadedModel, ModelSource
 
 logger = logging.getLogger("swiftsvd")
@@ -47,6 +48,7 @@ class CalibrateOptions:
     sampler: Sampler = SAMPLER
     batch_size: int = BATCH_SIZE
     force: bool = False
+    skip_nonfinite: bool = False  # leave out windows whose activations overflow (recorded per layer) instead of failing
 
 
 @dataclass(frozen=True)
@@ -119,12 +121,17 @@ def _check_compatible(
 
 
 class _GroupStats:
-    """Forward pre-hooks on one module per input group, accumulating G, Σ|x| and the token count."""
+    """Forward pre-hooks on one module per input group, accumulating G, Σ|x| and the token count.
+
+    A batch's inputs are held until its forward pass ends, then added only if every one is finite: a batch
+    that overflows (NaN or Inf anywhere in the layer) leaves no trace in any group's statistics.
+    """
 
     def __init__(self, layer: nn.Module, spec: ArchSpec, device: torch.device | str) -> None:
         linears = target_linears(layer, spec)
         self.grams: dict[str, torch.Tensor] = {}
         self.abs_sums: dict[str, torch.Tensor] = {}
+        self.pending: dict[str, torch.Tensor] = {}  # this batch's input per group, until `commit` or `discard`
         self.tokens = 0
         self.handles = []
         for group, names in spec.groups.items():
@@ -135,13 +142,20 @@ class _GroupStats:
 
     def _hook(self, group: str):  # type: ignore[no-untyped-def]
         def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].detach()
+            self.pending[group] = args[0].detach()
+
+        return hook
+
+    def finite(self) -> bool:
+        return all(bool(torch.isfinite(x).all()) for x in self.pending.values())
+
+    def commit(self) -> None:
+        for group, x in self.pending.items():
             count = accumulate_gram(self.grams[group], x)
             self.abs_sums[group] += x.reshape(-1, x.shape[-1]).abs().sum(0, dtype=torch.float64)
             if group == next(iter(self.grams)):
                 self.tokens += count
-
-        return hook
+        self.pending.clear()
 
     def remove(self) -> dict[str, torch.Tensor]:
         for handle in self.handles:
@@ -226,11 +240,57 @@ def _calibrate(options: CalibrateOptions, sampler: Sampler) -> CalibrationResult
     manifest, missing = distributed.main_decides(prepare)
     if missing:
         share = torch.stack(distributed.my_share(list(windows), "calibration windows"))  # disjoint, deterministic
-        manifest = _run_layers(loaded.model, layers, spec, share, options.batch_size, device, manifest, work, missing)
+        offset = sum(distributed.everyone(lambda: share.shape[0])[: distributed.rank()])  # shares are contiguous
+        manifest = _run_layers(loaded.model, layers, spec, share, options, device, manifest, missing, offset)
         manifest = distributed.main_decides(lambda: manifest)  # the one the main process wrote
     if distributed.is_main():
         store.atomic_write_json(work / "importance.json", manifest.importance())
     return CalibrationResult(manifest, missing, time.perf_counter() - start)
+
+
+def _nonfinite(layer: int, samples: list[int], dtype: str, skip: bool) -> None:
+    """A batch whose activations in `layer` hold NaN or Inf: an error naming its samples, or (skip) a warning."""
+    where = f"layer {layer}: NaN or Inf activations in calibration samples {samples[0]}..{samples[-1]} ({dtype})"
+    if not skip:
+        raise SwiftSVDError(
+            f"{where}: calibrate in float32 (--dtype float32), or pass --skip-nonfinite to leave them out"
+        )
+    logger.warning("%s: skipped (--skip-nonfinite); the manifest records them", where)
+
+
+def _layer_pass(
+    index: int,
+    layer: nn.Module,
+    stats: _GroupStats | None,
+    inputs: LayerInputs,
+    device: str,
+    options: CalibrateOptions,
+    offset: int,
+    skipped: list[int],
+) -> tuple[float, list[int]]:
+    """This process's batches through layer `index`: their importance sum and the samples newly skipped.
+
+    Each batch is checked here, in the process that ran it, before its statistics are kept (and so before the
+    sums over processes); samples are numbered over all windows, so every process records the same ones.
+    """
+    importance, newly = 0.0, []
+    for batch, hidden, kwargs in iterate_batches(inputs, device):
+        first = offset + batch * options.batch_size
+        if first in skipped:
+            continue
+        out = layer_output(layer, hidden, kwargs)
+        if not bool(torch.isfinite(out).all()) or (stats is not None and not stats.finite()):
+            samples = list(range(first, first + hidden.shape[0]))
+            _nonfinite(index, samples, str(hidden.dtype), options.skip_nonfinite)
+            newly += samples
+            if stats is not None:
+                stats.pending.clear()
+            continue
+        if stats is not None:
+            stats.commit()
+        importance += _importance_sum(hidden, out)
+        inputs.hidden[batch] = out.cpu()
+    return importance, newly
 
 
 def _run_layers(
@@ -238,37 +298,42 @@ def _run_layers(
     layers: nn.ModuleList,
     spec: ArchSpec,
     windows: torch.Tensor,
-    batch_size: int,
+    options: CalibrateOptions,
     device: str,
     manifest: CalibrationManifest,
-    work: Path,
     missing: list[int],
+    offset: int,
 ) -> CalibrationManifest:
     """Push `windows` through layers 0..max(missing), accumulating statistics on the missing ones.
 
-    Under several processes `windows` is this process's share: the statistics (sums all) are summed over the
-    processes before the main process writes each layer's shard and the manifest.
+    Under several processes `windows` is this process's share (from window `offset` on): each checks its own
+    batches for NaN/Inf before anything is summed, the statistics (sums all) are summed over the processes before
+    the main process writes each layer's shard and the manifest, and a window skipped by any process is recorded.
     """
+    batch_size, work = options.batch_size, options.work
     inputs = capture_first_layer_inputs(model, layers, windows, batch_size)
+    skipped: list[int] = []  # windows left out from the layer where their activations stopped being finite
     with progress() as bar:
         task = bar.add_task("calibrating", total=max(missing) + 1)
         for index in range(max(missing) + 1):
             layer = layers[index].to(device)
             stats = _GroupStats(layer, spec, device) if index in missing else None
-            importance = 0.0
-            for batch, hidden, kwargs in iterate_batches(inputs, device):
-                out = layer_output(layer, hidden, kwargs)
-                importance += _importance_sum(hidden, out)
-                inputs.hidden[batch] = out.cpu()
+            passes = distributed.everyone(
+                partial(_layer_pass, index, layer, stats, inputs, device, options, offset, skipped)
+            )
+            importance = sum(part for part, _ in passes)  # summed over the processes' shares
+            skipped += sorted(sample for _, newly in passes for sample in newly)
             layers[index].to("cpu")
             if stats is not None:
-                local = stats.remove() | {"importance": torch.tensor(importance, dtype=torch.float64)}
-                tensors = distributed.sum_over_processes(local)
-                importance = float(tensors.pop("importance"))
+                tensors = distributed.sum_over_processes(stats.remove())
                 tokens = int(tensors["tokens"])
+                if tokens == 0:
+                    raise SwiftSVDError(f"layer {index}: every calibration window was skipped (NaN or Inf)")
                 if distributed.is_main():
                     shard = store.write_shard(work, shard_name(index), tensors)
-                    record = LayerRecord(shard=shard, tokens=tokens, importance=importance / tokens)
+                    record = LayerRecord(
+                        shard=shard, tokens=tokens, importance=importance / tokens, skipped=list(skipped)
+                    )
                     manifest = manifest.with_layer(index, record)
                     manifest.save_to(work)
                 logger.debug("layer %d: %d tokens, importance %.4f", index, tokens, importance / tokens)
