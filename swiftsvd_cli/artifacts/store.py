@@ -10,11 +10,13 @@ import dataclasses
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -26,6 +28,8 @@ from safetensors.torch import load_file, save_file
 
 from swiftsvd_cli.errors import SwiftSVDError
 
+logger = logging.getLogger("swiftsvd")
+
 
 def umask() -> int:
     """The process umask (readable only by setting it), so temp files get the permissions a plain open gives."""
@@ -34,13 +38,54 @@ def umask() -> int:
     return mask
 
 
+def _owner() -> str:
+    """What temp names carry to say who writes them: this host and process (".x.<host>-<pid>.<random>")."""
+    return f"{socket.gethostname().replace('.', '_').replace('-', '_')}-{os.getpid()}"
+
+
+OWNED_TEMP = re.compile(r"\..+\.(?P<host>[^.]+)-(?P<pid>\d+)\.[^.]+(\.tmp)?")
+"""A temp file or folder name written by `_atomic_write` or `make_temp_dir`, with its writer's host and pid."""
+
+
+def remove_stale_temps(candidates: Iterable[Path]) -> list[Path]:
+    """Delete the temp files and folders among `candidates` left by a killed process of this host; return them.
+
+    A temp of a live process (a concurrent run) or of another host (a shared file system) is kept: only a
+    writer that is gone can no longer rename its temp into place.
+    """
+    host = _owner().rpartition("-")[0]
+    removed = []
+    for path in candidates:
+        match = OWNED_TEMP.fullmatch(path.name)
+        if match is None or match["host"] != host or _alive(int(match["pid"])):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    if removed:
+        logger.info("removed %d temp file(s) of a killed run: %s", len(removed), ", ".join(map(str, removed)))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 def make_temp_dir(parent: Path, name: str) -> Path:
     """A temp folder beside `parent / name` to build a directory in before renaming it into place.
 
     Created with the permissions a plain mkdir gives (mkdtemp's 0700 would hide a shared model from teammates).
     """
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}."))
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.{_owner()}."))
     os.chmod(tmp, 0o777 & ~umask())
     return tmp
 
@@ -51,7 +96,7 @@ def _atomic_write(path: Path, write: Any, size: int) -> None:
     `size` (bytes, about) is what a full disk is reported to have needed.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_owner()}.", suffix=".tmp")
     os.close(fd)
     try:
         with no_space_error(path, size):

@@ -29,7 +29,7 @@ from swiftsvd_cli.artifacts.lock import work_lock
 from swiftsvd_cli.artifacts.manifest import MANIFEST, CalibrationManifest, load_complete_manifest
 from swiftsvd_cli.artifacts.plan import RankPlan, module_plan
 from swiftsvd_cli.artifacts.provenance import make_provenance
-from swiftsvd_cli.artifacts.store import sha256_file
+from swiftsvd_cli.artifacts.store import remove_stale_temps, sha256_file
 from swiftsvd_cli.config import (
     ALPHA_GRID,
     BATCH_SIZE,
@@ -182,6 +182,8 @@ def _allocate(options: AllocateOptions, strategy: Strategy, factor_dtype: Factor
     start = time.perf_counter()
     work = options.work
     manifest = load_complete_manifest(work)
+    if distributed.is_main():  # under the WORK lock: the temps of dead writers only, by one process
+        remove_stale_temps(work.rglob(".*"))
     name = options.name or options.default_name
     path = work / "plans" / f"{name}.json"
     distributed.main_decides(lambda: check_new_plan(path, options.force))

@@ -234,6 +234,7 @@ def _calibrate(options: CalibrateOptions, sampler: Sampler) -> CalibrationResult
         ]
         for index in missing:
             manifest = manifest.with_layer(index, None)  # its eigenbasis is invalid too: eigen/index.json has the Gram
+        store.remove_stale_temps(work.rglob(".*"))  # a killed run's; under the WORK lock, so none is a live writer's
         manifest.save_to(work)
         return manifest, missing
 

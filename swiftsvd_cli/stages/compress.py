@@ -20,7 +20,7 @@ from swiftsvd_cli.artifacts.format import jsonable
 from swiftsvd_cli.artifacts.manifest import CalibrationSettings
 from swiftsvd_cli.artifacts.plan import ModulePlan, RankPlan, module_plan
 from swiftsvd_cli.artifacts.provenance import make_provenance
-from swiftsvd_cli.artifacts.store import sha256_file
+from swiftsvd_cli.artifacts.store import remove_stale_temps, sha256_file
 from swiftsvd_cli.config import BATCH_SIZE, KV_CACHE, METHOD, FactorDType, KVCache, Method, check_ratio, choice
 from swiftsvd_cli.core.allocation import achieved_ratio, kv_rank_cap
 from swiftsvd_cli.engine.compensate import CompensationResult, compensate, manifest_windows
@@ -135,6 +135,7 @@ def check_latent_plan(plan: RankPlan, spec: ArchSpec) -> None:
 def run_compress(options: CompressOptions) -> CompressResult:
     """Factor every planned linear of `options.source` and save the result to `options.out`."""
     check_output(options.out, options.force)
+    remove_stale_temps(options.out.parent.glob(f".{options.out.name}.*"))
     method = choice(Method, options.method)
     if options.compensate and method != Method.SWIFT:
         raise SwiftSVDError(f"--compensate fits Swift-SVD factors; it does not apply to --method {method}")

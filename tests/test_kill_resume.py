@@ -1,0 +1,185 @@
+"""Kill and resume: each stage is SIGKILLed at chosen points, rerun, and must end bit-identical to a clean run.
+
+The killed run is a real subprocess (`swiftsvd` with one function wrapped so that its n-th call kills the
+process: mid-layer, mid-eigendecomposition, mid-α-search, mid-factorisation, or mid-write, after half of a
+temp file is written and before it is renamed). The rerun must take no partial or temp file for a finished
+one, delete the temp files the killed run left, and every artifact of the finished pipeline (tensor files
+byte for byte, JSON apart from creation times) must equal the uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from swiftsvd_cli.cli import app
+
+KILLER = """
+import os, signal, sys
+from pathlib import Path
+module, name, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+calls = [0]
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+def wrap(real):
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] != n:
+            return real(*args, **kwargs)
+        if name == "_atomic_write":  # mid-write: half of the temp file on disk, the target not yet replaced
+            path, write, size = args
+            return real(path, lambda tmp: (write(tmp), half(tmp), die()), size)
+        if name == "save_pretrained":  # mid-write of a checkpoint: half of its weights in the temp folder
+            real(*args, **kwargs)
+            half(Path(args[1]) / "model.safetensors")
+        die()
+    return wrapper
+
+import importlib
+target = importlib.import_module(module)
+owner = target.PreTrainedModel if name == "save_pretrained" else target
+setattr(owner, name, wrap(getattr(owner, name)))
+from swiftsvd_cli.cli import app
+app(sys.argv[4:])
+"""
+WRITE = ("swiftsvd_cli.artifacts.store", "_atomic_write")
+POINTS: dict[str, list[tuple[tuple[str, str], int]]] = {  # stage -> (function whose n-th call kills, n)
+    "calibrate": [
+        (("swiftsvd_cli.stages.calibrate", "layer_output"), 1),  # mid-layer 0
+        (("swiftsvd_cli.stages.calibrate", "layer_output"), 3),  # mid-layer 1, layer 0 done
+        (WRITE, 1),  # the first manifest
+        (WRITE, 2),  # layer 0's Gram shard
+        (WRITE, 3),  # the manifest listing layer 0
+        (WRITE, 4),  # layer 1's Gram shard
+    ],
+    "allocate": [
+        (("swiftsvd_cli.engine.eigen", "group_eigenbases"), 1),  # mid-layer 0 (attention inputs)
+        (("swiftsvd_cli.engine.eigen", "group_eigenbases"), 3),  # mid-layer 1
+        (WRITE, 1),  # layer 0's eigen shard
+        (WRITE, 2),  # the eigen index
+        (WRITE, 5),  # the plan
+        (("swiftsvd_cli.stages.allocate", "perplexity"), 2),  # mid-α-search
+        (("swiftsvd_cli.stages.allocate", "perplexity"), 9),
+    ],
+    "compress": [
+        (("swiftsvd_cli.engine.factors", "factorize"), 1),  # mid-layer 0
+        (("swiftsvd_cli.engine.factors", "factorize"), 9),  # mid-layer 1
+        (("transformers", "save_pretrained"), 1),  # mid-checkpoint write
+    ],
+}
+QUICK = {"calibrate": 3, "allocate": 5, "compress": 2}  # one point per stage in the default run: the index
+
+
+def commands(root: Path, text: Path) -> dict[str, list[str]]:
+    plan = root / "work" / "plans" / "ratio-0.50-dynamic.json"
+    calibration = ["--data", str(text), "--samples", "4", "--seqlen", "32", "--batch-size", "2"]
+    return {
+        "calibrate": ["calibrate", str(root / "model"), "--out", str(root / "work"), *calibration, "--device", "cpu"],
+        "allocate": ["allocate", str(root / "work"), "--ratio", "0.5", "--val-samples", "2", "--device", "cpu"],
+        "compress": [
+            "compress",
+            str(root / "model"),
+            "--plan",
+            str(plan),
+            "--out",
+            str(root / "out"),
+            "--device",
+            "cpu",
+        ],
+    }
+
+
+STAMPED = ("manifest", "eigen", "plan")
+"""Provenance inputs that are digests of upstream JSON artifacts, which carry their creation time."""
+
+
+def without_times(value: Any) -> Any:
+    """A JSON artifact minus creation times (and digests of files holding one): identical in two clean runs."""
+    if isinstance(value, dict):
+        return {
+            key: {k: v for k, v in item.items() if k not in STAMPED} if key == "inputs" else without_times(item)
+            for key, item in value.items()
+            if key != "created"
+        }
+    if isinstance(value, list):
+        return [without_times(item) for item in value]
+    return value
+
+
+def artifacts(root: Path) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_relative_to(root / "model")):
+        name = str(path.relative_to(root))
+        found[name] = without_times(json.loads(path.read_text())) if path.suffix == ".json" else path.read_bytes()
+    return found
+
+
+@pytest.fixture(scope="module")
+def reference(
+    tiny_llama_dir: Path, tiny_text_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, Any]]:
+    """The root every run uses (artifacts record their paths), with the state before each stage kept beside it
+    (before-<stage>), and the artifacts of the uninterrupted pipeline."""
+    root = tmp_path_factory.mktemp("kill") / "root"
+    shutil.copytree(tiny_llama_dir, root / "model")
+    runner = CliRunner()
+    for stage, arguments in commands(root, tiny_text_file).items():
+        shutil.copytree(root, root.parent / f"before-{stage}")
+        result = runner.invoke(app, arguments)
+        assert result.exit_code == 0, result.output
+    return root, artifacts(root)
+
+
+def kill_and_resume(
+    reference: tuple[Path, dict[str, Any]], text: Path, stage: str, point: tuple[str, str], n: int
+) -> None:
+    root, expected = reference
+    shutil.rmtree(root)
+    shutil.copytree(root.parent / f"before-{stage}", root)
+    steps = commands(root, text)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLER, *point, str(n), *steps[stage]], env=env, capture_output=True, timeout=300
+    )
+    assert killed.returncode == -signal.SIGKILL, (stage, point, n, killed.stderr[-2000:])
+    runner = CliRunner()
+    for later in list(steps)[list(steps).index(stage) :]:
+        result = runner.invoke(app, steps[later])
+        assert result.exit_code == 0, (stage, point, n, later, result.output)
+    assert not [p for p in root.rglob(".*")], (stage, point, n, "temp files survived the rerun")
+    resumed = artifacts(root)
+    assert resumed.keys() == expected.keys(), (stage, point, n)
+    different = [name for name in expected if resumed[name] != expected[name]]
+    assert not different, (stage, point, n, different)
+
+
+@pytest.mark.parametrize("stage", list(POINTS))
+def test_a_killed_stage_resumes_to_identical_artifacts(
+    reference: tuple[Path, dict[str, Any]], tiny_text_file: Path, stage: str
+) -> None:
+    point, n = POINTS[stage][QUICK[stage]]
+    kill_and_resume(reference, tiny_text_file, stage, point, n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", list(POINTS))
+def test_every_kill_point_resumes_to_identical_artifacts(
+    reference: tuple[Path, dict[str, Any]], tiny_text_file: Path, stage: str
+) -> None:
+    for index, (point, n) in enumerate(POINTS[stage]):
+        if index != QUICK[stage]:
+            kill_and_resume(reference, tiny_text_file, stage, point, n)
