@@ -40,7 +40,7 @@ COMMANDS = {  # consumer -> (arguments, the one folder it may write into)
         "work",
     ),
     "compress": (
-        ["compress", "{root}/model", "--plan", f"{{root}}/{PLAN}", "--out", "{root}/out2", "--device", "cpu"],
+        ["compress", "{model}", "--plan", f"{{root}}/{PLAN}", "--out", "{root}/out2", "--device", "cpu"],
         "out2",
     ),
     "eval": (["eval", "{root}/out", "--tasks", "{root}/text.txt", "--seqlen", "16", "--limit", "1"], None),
@@ -157,7 +157,8 @@ def json_cases(base: Path, file: str, rng: random.Random, draws: int) -> Iterato
     required = [p for p in nodes if isinstance(p[-1], str) and p[-1] not in DEFAULTED and not mapping(p)]
     records = [()] + [p for p in nodes if isinstance(at(data, p), dict) and not mapping((*p, ""))]
     raw = (base / file).read_bytes()
-    structural = [i for i, byte in enumerate(raw) if chr(byte) in '{}[]":,']
+    structural = structural_offsets(raw)
+    own_kind = data["kind"]
     for _ in range(draws):
         path = rng.choice(nodes)
         bad = wrong_type(at(data, path), rng)
@@ -168,14 +169,32 @@ def json_cases(base: Path, file: str, rng: random.Random, draws: int) -> Iterato
         yield Case(
             f"{file}: extra field in {dotted(path) or 'top'}", file, set_at(file, (*inner, *path, "surprise"), 1)
         )
-        kind = rng.choice(["plan", "calibration", "eigen", "compressed", "eval", "x", None, 3])
+        kind = rng.choice(
+            [k for k in ("plan", "calibration", "eigen", "compressed", "eval", "x", None, 3) if k != own_kind]
+        )
         yield Case(f"{file}: kind {kind!r}", file, set_at(file, (*inner, "kind"), kind))
         version = rng.choice([0, -1, 99, "2", None, 2.5, True, 10**9])
         yield Case(f"{file}: format_version {version!r}", file, set_at(file, (*inner, "format_version"), version))
         cut = rng.randrange(0, len(raw) - 1)
-        yield Case(f"{file}: truncated at {cut} of {len(raw)}", file, truncate(file, cut))
-        offset, bit = rng.choice(structural), rng.randrange(8)
-        yield Case(f"{file}: bit {bit} of byte {offset} flipped", file, flip(file, offset, bit))
+        yield Case(f"{file}: truncated at {cut} of {len(raw)}", file, truncate(file, cut / len(raw)))
+        index, bit = rng.randrange(len(structural)), rng.randrange(8)
+        yield Case(f"{file}: bit {bit} of structural byte {index} flipped", file, flip_structural(file, index, bit))
+
+
+def structural_offsets(raw: bytes) -> list[int]:
+    """Offsets of JSON's structural bytes ({ } [ ] : , and the quotes), not of those inside strings."""
+    offsets, inside, escaped = [], False, False
+    for offset, char in enumerate(raw.decode()):
+        if inside and not escaped and char == "\\":
+            escaped = True
+            continue
+        if char == '"' and not escaped:
+            inside = not inside
+            offsets.append(offset)
+        elif not inside and char in "{}[]:,":
+            offsets.append(offset)
+        escaped = False
+    return offsets
 
 
 def dotted(path: tuple[Any, ...]) -> str:
@@ -219,9 +238,19 @@ def rename_key(file: str, path: tuple[Any, ...], new: str) -> Callable[[Path], N
     return mutate
 
 
-def truncate(file: str, size: int) -> Callable[[Path], None]:
+def truncate(file: str, fraction: float) -> Callable[[Path], None]:
+    """Keep the first `fraction` of the file (a fraction: the copy's plan names a longer WORK path)."""
+
     def mutate(root: Path) -> None:
-        (root / file).write_bytes((root / file).read_bytes()[:size])
+        raw = (root / file).read_bytes()
+        (root / file).write_bytes(raw[: int(fraction * len(raw))])
+
+    return mutate
+
+
+def flip_structural(file: str, index: int, bit: int) -> Callable[[Path], None]:
+    def mutate(root: Path) -> None:
+        flip(file, structural_offsets((root / file).read_bytes())[index], bit)(root)
 
     return mutate
 
@@ -388,7 +417,8 @@ def shard_cases(base: Path, rng: random.Random, draws: int) -> Iterator[Case]:
         header = 8 + int.from_bytes(raw[:8], "little")
         for _ in range(draws):
             cut = rng.randrange(0, len(raw) - 1)
-            yield Case(f"{file}: truncated at {cut}", file, truncate(file, cut), drop_eigen=drop_eigen, heals=heals)
+            cut = truncate(file, rng.randrange(0, len(raw) - 1) / len(raw))
+            yield Case(f"{file}: truncated", file, cut, drop_eigen=drop_eigen, heals=heals)
             # the compressed model has no checksums: a flip in its tensor data is not detectable, one in its header is
             offset = rng.randrange(header if file.startswith("out/") else len(raw))
             bit = rng.randrange(8)
@@ -397,7 +427,8 @@ def shard_cases(base: Path, rng: random.Random, draws: int) -> Iterator[Case]:
             for what, damage in tensor_damage(rng, raw):
                 if file.startswith("out/") and what == "wrong dtype":
                     continue  # transformers casts a checkpoint's tensors to the model's dtype: not damage
-                yield Case(f"{file}: {what} (re-signed)", file, resigned(file, damage), drop_eigen=drop_eigen)
+                consumer = "compress" if file.startswith("work/eigen/") else ""  # allocate reads no eigenvectors
+                yield Case(f"{file}: {what} (re-signed)", file, resigned(file, damage), consumer, drop_eigen)
 
 
 def all_cases(base: Path) -> list[Case]:
@@ -414,12 +445,14 @@ def all_cases(base: Path) -> list[Case]:
 def run_case(case: Case, pristine: Path, good: dict[str, str], root: Path, runner: CliRunner) -> str | None:
     """Run one case in a fresh copy at `root`; what went wrong, or None when it was refused as it must be."""
     shutil.copytree(pristine, root)
+    set_at(PLAN, ("work",), str(root / "work"))(root)  # the copy's plan reads the copy's WORK
     if case.drop_eigen:
         shutil.rmtree(root / "work" / "eigen")
     case.mutate(root)
     before = snapshot(root)
     arguments, output = COMMANDS[case.consumer or FILES[case.file]]
-    result = runner.invoke(app, [argument.format(root=root) for argument in arguments])
+    # the model is the pristine one: its fingerprint covers its path, and no case damages it
+    result = runner.invoke(app, [argument.format(root=root, model=pristine / "model") for argument in arguments])
     after = snapshot(root)
     problems = []
     if case.heals:

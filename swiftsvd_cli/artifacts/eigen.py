@@ -23,6 +23,12 @@ from swiftsvd_cli.artifacts.provenance import Provenance
 from swiftsvd_cli.errors import SwiftSVDError
 
 INDEX = "eigen/index.json"
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}  # any other: read as uint8, and so refused
 
 
 def eigen_shard_name(index: int) -> str:
@@ -103,6 +109,13 @@ def read_eigenvalues(
                     key = f"{name}.eigenvalues"
                     spectra[(layer, name)] = handle.get_tensor(key)
                     store.check_tensor(path, key, spectra[(layer, name)], expect[key])
+                    vectors = handle.get_slice(f"{name}.vectors")  # its header only: shape and dtype, not its data
+                    empty = torch.empty(
+                        vectors.get_shape(),
+                        dtype=SAFETENSORS_DTYPES.get(vectors.get_dtype(), torch.uint8),
+                        device="meta",
+                    )
+                    store.check_tensor(path, f"{name}.vectors", empty, expect[f"{name}.vectors"])
         except SafetensorError as error:
             raise SwiftSVDError(f"corrupt shard {path}: {error}") from error
     return spectra

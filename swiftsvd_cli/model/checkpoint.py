@@ -114,6 +114,8 @@ def load_compressed(path: str | Path, dtype: str = DTYPE, device: str = "cpu") -
     except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError, SafetensorError) as error:
         # A damaged config.json or model.safetensors: say which directory, not where transformers tripped.
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "ignore_mismatched_sizes" in reason:  # transformers points at a table it logged, not at the cause
+            reason = "weights whose shapes differ from what config.json and its swiftsvd ranks describe"
         raise SwiftSVDError(f"cannot load the compressed model in {path} (corrupt?): {reason}") from error
     model, info = cast(tuple[Any, dict[str, Any]], loaded)
     for problem, keys in (
