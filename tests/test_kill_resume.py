@@ -183,3 +183,26 @@ def test_every_kill_point_resumes_to_identical_artifacts(
     for index, (point, n) in enumerate(POINTS[stage]):
         if index != QUICK[stage]:
             kill_and_resume(reference, tiny_text_file, stage, point, n)
+
+
+def test_only_temps_of_dead_writers_of_this_host_are_removed(tmp_path: Path) -> None:
+    from swiftsvd_cli.artifacts import store
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = store._owner().rpartition("-")[0]
+    names = {
+        f".layer_000.safetensors.{host}-{dead.stdout.strip()}.abc123.tmp": False,  # killed writer: removed
+        f".out.{host}-{dead.stdout.strip()}.k2j3h": False,
+        f".manifest.json.{host}-{os.getpid()}.xyz.tmp": True,  # a live writer (a concurrent run): kept
+        f".manifest.json.otherhost-{dead.stdout.strip()}.xyz.tmp": True,  # another host's: cannot tell, kept
+        f".out.{host}-{dead.stdout.strip()}.k2j3h.replaced": True,  # a replaced output mid-swap: never a temp
+        ".gitignore": True,
+    }
+    for name in names:
+        if name.startswith(".out"):
+            (tmp_path / name).mkdir()
+        else:
+            (tmp_path / name).write_text("x")
+    removed = store.remove_stale_temps(tmp_path.iterdir())
+    assert sorted(p.name for p in removed) == sorted(name for name, kept in names.items() if not kept)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(name for name, kept in names.items() if kept)

@@ -76,9 +76,13 @@ def save_compressed(model: Any, tokenizer: Any, section: CompressedSection, out:
             else:
                 factored_config(model.config, section).save_pretrained(tmp)  # replaces the base config.json
                 write_model_code(tmp)
-        if out.exists():  # only reached with --force
-            shutil.rmtree(out)
-        tmp.rename(out)
+        if out.exists():  # only reached with --force: two renames, then the slow delete, so no kill loses both
+            replaced = tmp.with_name(f"{tmp.name}.replaced")  # not a temp name: never swept as stale
+            out.rename(replaced)
+            tmp.rename(out)
+            shutil.rmtree(replaced)
+        else:
+            tmp.rename(out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
