@@ -70,7 +70,7 @@ def test_a_full_disk_keeps_every_artifact_and_says_how_much_space_was_needed(
     real_write_text = Path.write_text
 
     def write_text(self: Path, text: str, *args: Any, **kwargs: Any) -> int:
-        if not self.name.endswith(".tmp"):  # only the store's temp files sit on the full disk
+        if not self.name.startswith(f".{plan.name}."):  # only the plan's temp file hits the full disk (not WORK/.lock)
             return real_write_text(self, text, *args, **kwargs)
         return fills_disk(real_write_text, lambda path, _text: path)(self, text)  # type: ignore[no-any-return]
 

@@ -294,6 +294,9 @@ def plan_cases(base: Path, rng: random.Random, draws: int) -> Iterator[Case]:
         ("work", "/nonexistent/work"),
         ("work", "../x"),
         ("work", ""),
+        ("target", {"ppl": math.nan, "validation_ppl": 20.0}),
+        ("target", {"ppl": "30", "validation_ppl": 20.0}),
+        ("target", {"ppl": 30.0}),
     ]:
         yield Case(f"plan: {key} = {value!r}", PLAN, set_at(PLAN, (key,), value))
     yield Case("plan: made for another model", PLAN, set_at(PLAN, ("model", "fingerprint"), "0" * 64))

@@ -23,6 +23,7 @@ from swiftsvd_cli.cli import app
 from swiftsvd_cli.config import Sampler
 from swiftsvd_cli.data.text import load_text, sample_windows
 from swiftsvd_cli.engine import eigen
+from tests.test_distributed import TORCHRUN, launch
 
 SAMPLES, SEQLEN, SEED = 6, 24, 0
 
@@ -82,6 +83,33 @@ def test_an_overflowing_window_is_named_or_skipped_and_recorded(
     shard = store.read_shard(work, manifest.layers[1].shard)
     assert manifest.layers[1].tokens == kept.numel() == int(shard["tokens"])
     assert float((shard["attn_in.gram"] - X.T @ X).norm() / (X.T @ X).norm()) < 1e-10
+
+
+def test_two_processes_check_their_own_windows_and_record_every_skip(
+    poisoned_token: tuple[Path, int], tiny_text_file: Path, tmp_path: Path
+) -> None:
+    """Under torchrun each process checks its share before the Grams are summed: the poisoned window (in one
+    process's share) is named and refused, or skipped and recorded for every layer, Grams as in one process."""
+    model_dir, window = poisoned_token
+    arguments = ["calibrate", str(model_dir), "--data", str(tiny_text_file), "--samples", str(SAMPLES)]
+    arguments += ["--seqlen", str(SEQLEN), "--seed", str(SEED), "--batch-size", "1", "--device", "cpu"]
+    refused = launch(TORCHRUN, *arguments, "--out", str(tmp_path / "refused"), check=False)
+    errors = [line for line in (refused.stdout + refused.stderr).splitlines() if line.startswith("error:")]
+    assert refused.returncode != 0 and len(errors) == 1, refused.stdout + refused.stderr
+    assert f"layer 0: NaN or Inf activations in calibration samples {window}..{window}" in errors[0]
+    assert not list((tmp_path / "refused").glob("covariance/*"))
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert calibrate(model_dir, tiny_text_file, one, "--skip-nonfinite").exit_code == 0
+    launch(TORCHRUN, *arguments, "--out", str(two), "--skip-nonfinite")
+    single, pair = CalibrationManifest.load(one), CalibrationManifest.load(two)
+    assert [r.skipped for r in pair.layers.values()] == [[window]] * pair.model.num_layers
+    for index, record in single.layers.items():
+        expected, got = store.read_shard(one, record.shard), store.read_shard(two, pair.layers[index].shard)
+        assert int(got["tokens"]) == int(expected["tokens"]) == record.tokens
+        for name, tensor in expected.items():
+            difference, size = float((got[name] - tensor).double().norm()), float(tensor.double().norm())
+            assert difference <= 1e-12 * max(size, 1.0), name
 
 
 @pytest.fixture(scope="module")

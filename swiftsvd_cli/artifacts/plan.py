@@ -80,6 +80,11 @@ def module_plan(
     )
 
 
+def _positive(value: Any) -> bool:
+    """A finite number above 0 (a perplexity), not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 def _from_version_2(data: dict[str, Any]) -> dict[str, Any]:
     """Format 2 plans were sized by --ratio or --bytes-ratio: no --target-ppl record."""
     return data | {"format_version": 3, "target": {}}
@@ -118,6 +123,8 @@ class RankPlan(Artifact):
             raise ValueError(f"achieved_bytes_ratio {self.achieved_bytes_ratio}")
         if not all(x is None or (math.isfinite(x) and 0 <= x <= 1) for x in (self.alpha, self.delta)):
             raise ValueError(f"alpha {self.alpha} or delta {self.delta} outside [0, 1]")
+        if self.target and not all(_positive(self.target.get(key)) for key in ("ppl", "validation_ppl")):
+            raise ValueError(f"--target-ppl record without a finite, positive ppl and validation_ppl: {self.target}")
         keys = [(p.layer, p.module) for p in self.modules]
         if len(set(keys)) != len(keys):
             raise ValueError("a module is planned twice")
