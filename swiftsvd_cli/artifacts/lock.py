@@ -19,21 +19,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from swiftsvd_cli import distributed
-from swiftsvd_cli.artifacts.store import atomic_write_json
+from swiftsvd_cli.artifacts.store import atomic_write_json, process_alive
 from swiftsvd_cli.errors import SwiftSVDError
 
 logger = logging.getLogger("swiftsvd")
 LOCK = ".lock"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's live process
-    return True
 
 
 def _holder(path: Path) -> dict[str, object] | None:
@@ -64,7 +54,7 @@ def _acquire(work: Path) -> Path | None:
                 if holder is None:
                     continue
                 pid = holder.get("pid")
-                if holder.get("host") == me["host"] and isinstance(pid, int) and not _alive(pid):
+                if holder.get("host") == me["host"] and isinstance(pid, int) and not process_alive(pid):
                     logger.warning(
                         "taking over the stale lock of %s (pid %s started %s is gone)",
                         work,

@@ -57,7 +57,7 @@ def remove_stale_temps(candidates: Iterable[Path]) -> list[Path]:
     removed = []
     for path in candidates:
         match = OWNED_TEMP.fullmatch(path.name)
-        if match is None or match["host"] != host or _alive(int(match["pid"])):
+        if match is None or match["host"] != host or process_alive(int(match["pid"])):
             continue
         if path.is_dir():
             shutil.rmtree(path)
@@ -69,13 +69,14 @@ def remove_stale_temps(candidates: Iterable[Path]) -> list[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this host exists (a dead one's temps and locks are stale)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # another user's process
+        return True  # another user's live process
     return True
 
 
