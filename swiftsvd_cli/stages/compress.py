@@ -28,7 +28,7 @@ from swiftsvd_cli.engine.eigen import calibrated_spec, check_shapes, load_eigen_
 from swiftsvd_cli.engine.factors import FactorSource, apply_factors, install_factors
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.log import progress
-from swiftsvd_cli.model.architectures import ArchSpec, arch_for_type
+from swiftsvd_cli.model.architectures import ArchSpec
 from swiftsvd_cli.model.checkpoint import save_compressed
 from swiftsvd_cli.model.hf.latent_kv import LatentKVError, check_latent_kv_support
 from swiftsvd_cli.model.hf.qlinear import weight_count
@@ -105,13 +105,15 @@ def check_kv_options(kv_cache: str, kv_ratio: float | None, merge: bool) -> KVCa
     return mode
 
 
-def with_kv_ratio(plan: RankPlan, spec: ArchSpec, kv_ratio: float, work: Path, index: EigenIndex) -> RankPlan:
+def with_kv_ratio(
+    plan: RankPlan, spec: ArchSpec, kv_ratio: float, work: Path, index: EigenIndex, shapes: dict[str, tuple[int, int]]
+) -> RankPlan:
     """The plan with every k/v rank capped at floor(kv_ratio · m), losses and achieved ratio recomputed.
 
     The cap only lowers ranks (the weight budget of the plan is never exceeded); a k/v the plan left dense
     becomes factored at the cap.
     """
-    spectra = read_eigenvalues(work, index, spec.kv)
+    spectra = read_eigenvalues(work, index, shapes, spec.modules)
 
     def capped(p: ModulePlan) -> ModulePlan:
         rank = min(p.rank, kv_rank_cap(p.m, kv_ratio))
@@ -150,7 +152,7 @@ def run_compress(options: CompressOptions) -> CompressResult:
     index = load_eigen_index(work, manifest)
     if kv_cache == KVCache.LATENT:
         if options.kv_ratio is not None:
-            plan = with_kv_ratio(plan, spec, options.kv_ratio, work, index)
+            plan = with_kv_ratio(plan, spec, options.kv_ratio, work, index, manifest.shapes)
         check_latent_plan(plan, spec)
     device = options.source.compute_device
     loaded = options.source.load(keep_on_cpu=options.compensate)  # compensation moves one layer at a time
