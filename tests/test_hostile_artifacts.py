@@ -32,7 +32,7 @@ PLAN = "work/plans/ratio-0.50-uniform.json"
 FREE = {"options", "allocation", "calibration", "validation", "versions", "inputs", "candidates"}
 """Fields typed `dict[str, Any]`: records of settings, where any JSON value is valid."""
 DEFAULTED = {"sampler", "layers", "alpha", "delta", "candidates", "validation", "factor_dtype", "bytes_ratio"}
-DEFAULTED |= {"achieved_bytes_ratio", "int8_dense", "inputs"}
+DEFAULTED |= {"achieved_bytes_ratio", "int8_dense", "inputs", "compensation", "kv_cache", "kv_ratio"}
 """Fields with a default: dropping one is a valid older file, not damage."""
 COMMANDS = {  # consumer -> (arguments, the one folder it may write into)
     "allocate": (
