@@ -86,6 +86,18 @@ def test_int8_linear_at_any_width_and_dtype(width: int, dtype: torch.dtype) -> N
     torch.testing.assert_close(layer(x.to(dtype)).double(), expected, rtol=tolerance, atol=tolerance * width**0.5)
 
 
+@pytest.mark.parametrize("offset", [0, 1, 8, 16])
+def test_int8_linear_with_codes_at_any_byte_offset(offset: int) -> None:
+    """Codes loaded from safetensors may sit at any byte offset; torch's CPU kernel segfaults off 16 bytes."""
+    torch.manual_seed(offset)
+    layer = int8_linear(torch.randn(192, 576), None, torch.bfloat16)
+    storage = torch.zeros(layer.qweight.numel() + 64, dtype=torch.int8)
+    layer.qweight = storage[offset : offset + layer.qweight.numel()].view_as(layer.qweight).copy_(layer.qweight)
+    x = torch.randn(2, 9, 576)
+    expected = x.double() @ layer.dequantize().double().T
+    torch.testing.assert_close(layer(x.bfloat16()).double(), expected, rtol=3e-2, atol=3e-2 * 576**0.5)
+
+
 def quantize_like_torchao(model: nn.Module) -> None:
     """The independent reference: torchao's int8 weight-only on every nn.Linear inside the target linears."""
     names = {
