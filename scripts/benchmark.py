@@ -61,6 +61,7 @@ from swiftsvd_cli.artifacts.plan import RankPlan
 from swiftsvd_cli.artifacts.provenance import git_commit, software_versions
 from swiftsvd_cli.artifacts.store import atomic_write_json, atomic_write_text, read_shard
 from swiftsvd_cli.core.baselines import FLOAT64, RELEASED, asvd_factors, svd_factors, svd_llm_factors
+from swiftsvd_cli.core.grams import unpack_upper
 from swiftsvd_cli.core.linalg import factorize, group_eigenbases, uniform_rank
 from swiftsvd_cli.model.architectures import ArchSpec, arch_for, decoder_layers, target_linears
 
@@ -134,14 +135,19 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def run_calibration(args: argparse.Namespace) -> tuple[CalibrationManifest, float]:
-    """A fresh calibration (forward passes + Gram accumulation), timed."""
+def run_calibration(args: argparse.Namespace, work: Path, keep_input_grams: bool) -> tuple[CalibrationManifest, float]:
+    """A fresh calibration (forward passes + Gram accumulation), timed.
+
+    The baselines need every input Gram (SVD-LLM whitens with them): their WORK keeps them; the default
+    calibration (output Gram for down_proj) is the one timed against the forward pass.
+    """
     options = CalibrateOptions(
         source=ModelSource(args.model, dtype=DType.FLOAT32, device="cpu"),
-        work=args.work,
+        work=work,
         data=args.data,
         samples=args.samples,
         seqlen=args.seqlen,
+        keep_input_grams=keep_input_grams,
     )
     start = time.perf_counter()
     result = calibrate(options)
@@ -200,7 +206,7 @@ def factorisation_times(
         for W_layer, grams in zip(weights, stats, strict=True):
             bases: dict[str, torch.Tensor] = {}
             for group, names in spec.groups.items():
-                found = group_eigenbases({n: W_layer[n] for n in names}, grams[f"{group}.gram"])
+                found = group_eigenbases({n: W_layer[n] for n in names}, unpack_upper(grams[f"{group}.gram"]))
                 bases |= {name: basis.vectors for name, basis in found.items()}
             out.append(bases)
         return out
@@ -224,7 +230,7 @@ def factorisation_times(
                     asvd_factors(W, grams[f"{group}.abs_sum"] / tokens, k)
                 else:
                     shifted += svd_llm_factors(
-                        W, grams[f"{group}.gram"], k, RELEASED if method == Method.SVD_LLM else FLOAT64
+                        W, unpack_upper(grams[f"{group}.gram"]), k, RELEASED if method == Method.SVD_LLM else FLOAT64
                     ).shifted
 
     precision = "float64; svd-llm: Gram float32, Cholesky + inverse float64, SVD float32 (its released code)"
@@ -537,7 +543,10 @@ def main(argv: list[str] | None = None) -> int:
     stability = [row.to_dict() for row in stability_table(sizes)]
     save_partial(args.out, partial, stability=stability)
     console.print(f"[bold]calibrating[/bold] {args.model} on {args.data} ({args.samples} x {args.seqlen})")
-    manifest, calibration_s = run_calibration(args)
+    default_work = Path(tempfile.mkdtemp(prefix="swiftsvd-bench-default-"))
+    _, calibration_s = run_calibration(args, default_work, keep_input_grams=False)
+    shutil.rmtree(default_work)
+    manifest, keep_input_s = run_calibration(args, args.work, keep_input_grams=True)
     loaded = load_model(args.model, dtype="float32", device="cpu")
     spec = arch_for(loaded.model.config)
     floor = forward_floor(loaded.model, args)
@@ -609,6 +618,7 @@ def main(argv: list[str] | None = None) -> int:
         "perplexity": rows,
         "timing": {
             "calibration_s": calibration_s,
+            "calibration_keep_input_grams_s": keep_input_s,
             "forward_floor_s": floor_s,
             "full_forward_s": floor["full_model_s"],
             "calibration_over_floor": calibration_s / floor_s,

@@ -21,6 +21,7 @@ _API = {
     "calibrate": ("swiftsvd_cli.stages.calibrate", "run_calibrate"),
     "CalibrateOptions": ("swiftsvd_cli.stages.calibrate", "CalibrateOptions"),
     "CalibrationResult": ("swiftsvd_cli.stages.calibrate", "CalibrationResult"),
+    "footprint": ("swiftsvd_cli.stages.calibrate", "dry_run"),
     "allocate": ("swiftsvd_cli.stages.allocate", "run_allocate"),
     "AllocateOptions": ("swiftsvd_cli.stages.allocate", "AllocateOptions"),
     "AllocationResult": ("swiftsvd_cli.stages.allocate", "AllocationResult"),
@@ -41,6 +42,8 @@ _API = {
     "Strategy": ("swiftsvd_cli.config", "Strategy"),
     "FactorDType": ("swiftsvd_cli.config", "FactorDType"),
     "KVCache": ("swiftsvd_cli.config", "KVCache"),
+    "GramProducts": ("swiftsvd_cli.config", "GramProducts"),
+    "Offload": ("swiftsvd_cli.config", "Offload"),
     "SwiftSVDError": ("swiftsvd_cli.errors", "SwiftSVDError"),
 }
 __all__ = [
@@ -48,6 +51,7 @@ __all__ = [
     "calibrate",
     "CalibrateOptions",
     "CalibrationResult",
+    "footprint",
     "allocate",
     "AllocateOptions",
     "AllocationResult",
@@ -68,17 +72,20 @@ __all__ = [
     "Strategy",
     "FactorDType",
     "KVCache",
+    "GramProducts",
+    "Offload",
     "SwiftSVDError",
 ]  # tests/test_api.py: the same names as _API
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` imports on first use
-    from swiftsvd_cli.config import DType, FactorDType, KVCache, Method, Sampler, Strategy
+    from swiftsvd_cli.config import DType, FactorDType, GramProducts, KVCache, Method, Offload, Sampler, Strategy
     from swiftsvd_cli.errors import SwiftSVDError
     from swiftsvd_cli.model.checkpoint import load_compressed
     from swiftsvd_cli.model.loading import ModelSource, load_model
     from swiftsvd_cli.stages.allocate import AllocateOptions, AllocationResult
     from swiftsvd_cli.stages.allocate import run_allocate as allocate
     from swiftsvd_cli.stages.calibrate import CalibrateOptions, CalibrationResult
+    from swiftsvd_cli.stages.calibrate import dry_run as footprint
     from swiftsvd_cli.stages.calibrate import run_calibrate as calibrate
     from swiftsvd_cli.stages.compress import CompressOptions, CompressResult
     from swiftsvd_cli.stages.evaluate import EvalOptions, evaluate

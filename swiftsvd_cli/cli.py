@@ -16,7 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from swiftsvd_cli import __version__, config
-from swiftsvd_cli.config import DType, FactorDType, KVCache, Method, Sampler, Strategy
+from swiftsvd_cli.config import DType, FactorDType, GramProducts, KVCache, Method, Offload, Sampler, Strategy
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.log import console, setup_logging
 from swiftsvd_cli.recipes import KEYS, coerce, load_recipe
@@ -147,6 +147,17 @@ VERBOSE = inspect.Parameter(
     default=False,
     annotation=Annotated[bool, typer.Option("--verbose", "-v", help="Show the debug log.")],
 )
+KeepInputGramsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--keep-input-grams",
+        help="Keep every input Gram, also where the output Grams are smaller (needed by --method svd-llm and "
+        "svd-llm-fp64).",
+    ),
+]
+OffloadOpt = Annotated[
+    Offload, typer.Option(help="Where calibration hidden states wait between layers (disk: a memory-mapped file).")
+]
 
 
 def command(*, skip: tuple[str, ...] = ()) -> Callable[[F], F]:
@@ -232,6 +243,18 @@ def calibrate(
     seed: SeedOpt = config.SEED,
     sampler: SamplerOpt = config.SAMPLER,
     batch_size: BatchOpt = config.BATCH_SIZE,
+    keep_input_grams: KeepInputGramsOpt = False,
+    offload_hidden: OffloadOpt = config.OFFLOAD,
+    gram_precision: Annotated[
+        GramProducts,
+        typer.Option(
+            help="Precision of the Gram products, summed in float64 either way (auto: float64 on data-centre "
+            "GPUs, float32 on CPUs and consumer GPUs)."
+        ),
+    ] = config.GRAM_PRODUCTS,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the disk, host RAM and device memory the run needs, then stop.")
+    ] = False,
     dtype: DtypeOpt = config.DTYPE,
     device: DeviceOpt = None,
     revision: RevisionOpt = None,
@@ -246,10 +269,11 @@ def calibrate(
         ),
     ] = False,
 ) -> None:
-    """Accumulate float64 input Grams per layer and input group; resumes an interrupted run."""
+    """Accumulate float64 Grams per layer and input group, one layer at a time; resumes an interrupted run."""
     from swiftsvd_cli.model.loading import ModelSource
     from swiftsvd_cli.stages.calibrate import CalibrateOptions, run_calibrate
-    from swiftsvd_cli.tables import calibration_table
+    from swiftsvd_cli.stages.calibrate import dry_run as plan_run
+    from swiftsvd_cli.tables import calibration_table, footprint_table
 
     source = ModelSource(_model(model), dtype, device, revision, trust_remote_code)
     options = CalibrateOptions(
@@ -261,9 +285,15 @@ def calibrate(
         seed=seed,
         sampler=sampler,
         batch_size=batch_size,
+        gram_precision=gram_precision,
+        keep_input_grams=keep_input_grams,
+        offload_hidden=offload_hidden,
         force=force,
         skip_nonfinite=skip_nonfinite,
     )
+    if dry_run:
+        console.print(footprint_table(plan_run(options), out))
+        return
     console.print(calibration_table(run_calibrate(options), out))
 
 
@@ -406,6 +436,15 @@ def compress(
             rich_help_panel=ONE_SHOT,
         ),
     ] = None,
+    keep_input_grams: Annotated[
+        bool,
+        typer.Option(
+            "--keep-input-grams", help="Keep every input Gram (for svd-llm methods).", rich_help_panel=ONE_SHOT
+        ),
+    ] = False,
+    offload_hidden: Annotated[
+        Offload, typer.Option(help="Where calibration hidden states wait.", rich_help_panel=ONE_SHOT)
+    ] = config.OFFLOAD,
     dtype: DtypeOpt = config.DTYPE,
     device: DeviceOpt = None,
     revision: RevisionOpt = None,
@@ -466,6 +505,8 @@ def compress(
             val_samples=val_samples,
             seed=seed,
             batch_size=batch_size,
+            keep_input_grams=keep_input_grams,
+            offload_hidden=offload_hidden,
             force=force,
         )
     result = compress(options)

@@ -66,6 +66,21 @@ class KVCache(Choice):
     LATENT = "latent"  # the k/v latents B x; keys rebuilt and rotated with each token's own position
 
 
+class GramProducts(Choice):
+    """The precision of the Gram products in calibration; the sums are float64 either way (core.grams)."""
+
+    AUTO = "auto"  # float64 on data-centre GPUs (full-rate float64), float32 on CPUs and consumer GPUs
+    FLOAT64 = "float64"  # every product exact
+    FLOAT32 = "float32"  # float32 products over chunks of at most 2048 tokens, each partial Gram added in float64
+
+
+class Offload(Choice):
+    """Where calibration hidden states wait between decoder layers."""
+
+    MEMORY = "memory"
+    DISK = "disk"  # a memory-mapped file in WORK, for hosts whose RAM cannot hold them
+
+
 C = TypeVar("C", bound=Choice)
 
 DATA = "wikitext2"
@@ -85,6 +100,8 @@ STRATEGY = Strategy.DYNAMIC
 METHOD = Method.SWIFT
 DTYPE = DType.AUTO
 KV_CACHE = KVCache.DENSE
+GRAM_PRODUCTS = GramProducts.AUTO
+OFFLOAD = Offload.MEMORY
 
 DELTA = 0.5
 """Algorithm 2's guaranteed share of the uniform rank per layer (the paper fixes 0.5)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from rich.console import Console
@@ -39,3 +40,19 @@ def progress() -> Progress:
         console=console,
         transient=True,
     )
+
+
+def human(value: float, unit: str = "") -> str:
+    """1234567 -> '1.23M' (params), with `unit` 'B' -> '1.18 MiB' (bytes)."""
+    if unit == "B":
+        for prefix in ("B", "KiB", "MiB", "GiB"):
+            if abs(value) < 1024 or prefix == "GiB":
+                return f"{value:.0f} B" if prefix == "B" else f"{value:.2f} {prefix}"
+            value /= 1024
+    for factor, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f}{suffix}"
+    return f"{value:.0f}"
+
+
+human_bytes = functools.partial(human, unit="B")

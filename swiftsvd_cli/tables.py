@@ -5,7 +5,6 @@ the CLI.
 
 from __future__ import annotations
 
-import functools
 import platform
 import sys
 from pathlib import Path
@@ -16,26 +15,13 @@ from rich.table import Table
 from swiftsvd_cli import __version__
 from swiftsvd_cli.artifacts.eval_report import EvalReport, TargetReport
 from swiftsvd_cli.artifacts.plan import RankPlan
+from swiftsvd_cli.artifacts.store import free_bytes
+from swiftsvd_cli.engine.footprint import Footprint
+from swiftsvd_cli.log import human, human_bytes
 from swiftsvd_cli.stages.allocate import AllocationResult
 from swiftsvd_cli.stages.calibrate import CalibrationResult
 from swiftsvd_cli.stages.compress import CompressResult
 from swiftsvd_cli.stages.report import ReportResult
-
-
-def _human(value: float, unit: str = "") -> str:
-    """1234567 -> '1.23M' (params), with `unit` 'B' -> '1.18 MiB' (bytes)."""
-    if unit == "B":
-        for prefix in ("B", "KiB", "MiB", "GiB"):
-            if abs(value) < 1024 or prefix == "GiB":
-                return f"{value:.0f} B" if prefix == "B" else f"{value:.2f} {prefix}"
-            value /= 1024
-    for factor, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= factor:
-            return f"{value / factor:.2f}{suffix}"
-    return f"{value:.0f}"
-
-
-human_bytes = functools.partial(_human, unit="B")
 
 
 def _rows(report: EvalReport) -> list[tuple[str, list[float | None], Any]]:
@@ -59,8 +45,8 @@ def _rows(report: EvalReport) -> list[tuple[str, list[float | None], Any]]:
                 [_scaled(t.zero_shot.get(task, {}).get(metric)) for t in targets],
                 "{:.2f}".format,
             )
-    add("params", [t.size.get("params_total") for t in targets], _human)
-    add("params in target linears", [t.size.get("params_target_linear") for t in targets], _human)
+    add("params", [t.size.get("params_total") for t in targets], human)
+    add("params in target linears", [t.size.get("params_target_linear") for t in targets], human)
     add("weights in memory", [t.size.get("weights_bytes") for t in targets], human_bytes)
     add("target linears in memory", [t.size.get("target_bytes") for t in targets], human_bytes)
     add("checkpoint", [t.size.get("checkpoint_bytes") for t in targets], human_bytes)
@@ -226,4 +212,25 @@ def env_table() -> Table:
         properties = torch.cuda.get_device_properties(index)
         table.add_row(f"cuda:{index}", f"{properties.name}, {human_bytes(properties.total_memory)}")
     table.add_row("cpu threads", str(torch.get_num_threads()))
+    return table
+
+
+def footprint_table(footprint: Footprint, work: Path) -> Table:
+    """`calibrate --dry-run`: what the run will need, beside what the disk has."""
+    table = Table(title=f"calibration footprint ({footprint.layers} layers)", show_header=False)
+    table.add_row(
+        "disk: Grams",
+        f"{human_bytes(footprint.covariance_bytes)} ({human_bytes(footprint.covariance_layer_bytes)} per layer)",
+    )
+    table.add_row(
+        "disk: eigenbases (allocate)",
+        f"{human_bytes(footprint.eigen_bytes)} ({human_bytes(footprint.eigen_layer_bytes)} per layer)",
+    )
+    where = "disk, during the run" if footprint.offload else "host RAM"
+    table.add_row("hidden states", f"{human_bytes(footprint.hidden_bytes)} ({where})")
+    table.add_row("host RAM (peak, estimate)", human_bytes(footprint.host_bytes))
+    table.add_row(
+        "device memory (peak, estimate)", human_bytes(footprint.device_bytes) if footprint.device_bytes else "- (CPU)"
+    )
+    table.add_row("free disk", f"{human_bytes(free_bytes(work))} at {work}")
     return table

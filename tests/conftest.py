@@ -116,3 +116,25 @@ def calibrated_plan(model_dir: Path, text: Path, work: Path, samples: int, seqle
     source = ModelSource(str(model_dir), device="cpu")
     run_calibrate(CalibrateOptions(source=source, work=work, data=str(text), samples=samples, seqlen=seqlen))
     return run_allocate(AllocateOptions(work=work, ratio=ratio, strategy="uniform", device="cpu")).path
+
+
+def linear_inputs(model_dir: Path, text: Path, samples: int, seqlen: int) -> dict[str, torch.Tensor]:
+    """Full module name -> the (tokens, n) float64 inputs of every linear over the calibration windows (seed 3),
+    from one plain forward of the whole model: an independent reference for everything computed from Grams."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from swiftsvd_cli.data.text import calibration_windows, load_text, tokenize
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = tokenize(AutoTokenizer.from_pretrained(model_dir), load_text(str(text), "train").text)
+    captured: dict[str, list[torch.Tensor]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(
+                lambda _m, args, key=name: captured.setdefault(key, []).append(
+                    args[0].reshape(-1, args[0].shape[-1]).double()
+                )
+            )
+    with torch.no_grad():
+        model(calibration_windows(ids, samples, seqlen, 3))
+    return {name: torch.cat(parts) for name, parts in captured.items()}

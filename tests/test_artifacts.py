@@ -30,7 +30,15 @@ def provenance() -> Provenance:
 
 def manifest() -> CalibrationManifest:
     settings = CalibrationSettings(
-        "demo", "brown:train", "01" * 32, samples=8, seqlen=32, seed=3, dtype="torch.float32"
+        "demo",
+        "brown:train",
+        "01" * 32,
+        samples=8,
+        seqlen=32,
+        seed=3,
+        dtype="torch.float32",
+        gram_precision="float32",
+        keep_input_grams=False,
     )
     return CalibrationManifest(
         model=MODEL,
@@ -38,6 +46,8 @@ def manifest() -> CalibrationManifest:
         shapes={"self_attn.q_proj": (32, 32), "mlp.down_proj": (32, 48)},
         options={"work": "/tmp/work", "samples": 8, "source": {"model": "demo", "dtype": "auto"}},
         provenance=provenance(),
+        grams={"attn_in": "input", "mlp_out": "output"},
+        device="cpu",
         layers={0: LayerRecord(SHARD, tokens=256, importance=0.25), 1: LayerRecord(SHARD, tokens=256, importance=0.5)},
     )
 

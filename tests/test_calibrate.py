@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from swiftsvd_cli.artifacts import store
 from swiftsvd_cli.artifacts.manifest import CalibrationManifest
 from swiftsvd_cli.data.text import calibration_windows, load_text, tokenize
+from swiftsvd_cli.engine.covariance import input_gram, output_gram
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.model.architectures import LLAMA
 from swiftsvd_cli.model.loading import ModelSource
@@ -36,7 +37,7 @@ def options(model_dir: Path, work: Path, text: Path, **overrides: object) -> Cal
 @pytest.fixture(scope="module")
 def calibrated(tiny_model_dir: Path, tiny_text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("work")
-    run_calibrate(options(tiny_model_dir, work, tiny_text_file))
+    run_calibrate(options(tiny_model_dir, work, tiny_text_file, gram_precision="float64"))
     return work
 
 
@@ -65,22 +66,28 @@ def reference_activations(model_dir: Path, text: Path) -> tuple[dict[str, list[t
 def test_grams_match_full_forward(calibrated: Path, tiny_model_dir: Path, tiny_text_file: Path) -> None:
     captured, windows, (model, outputs) = reference_activations(tiny_model_dir, tiny_text_file)
     manifest = CalibrationManifest.load(calibrated)
-    assert manifest.complete
+    assert manifest.complete and manifest.settings.gram_precision == "float64"
+    # tiny shapes: hidden 32, MLP 48, so down_proj (32 x 48) keeps its smaller output Gram, as at 7B (4096 x 11008)
+    assert manifest.grams == {"attn_in": "input", "attn_out": "input", "mlp_in": "input", "mlp_out": "output"}
     for index, record in manifest.layers.items():
         shard = store.read_shard(calibrated, record.shard)
         assert record.tokens == windows.numel() == int(shard["tokens"])
         for group, names in LLAMA.groups.items():
             for name in names:  # every module of the group really reads the same input
                 X = torch.cat(captured[f"{index}.{name}:in"])
-                expected = X.T @ X
-                error = (shard[f"{group}.gram"] - expected).norm() / expected.norm()
+                G = X.T @ X  # float64 reference from the plain forward's inputs
+                W = model.model.layers[index].get_submodule(name).weight.detach().double()
+                if manifest.grams[group] == "input":
+                    error = (input_gram(shard, group) - G).norm() / G.norm()
+                    C = W @ input_gram(shard, group) @ W.T
+                else:  # the output-Gram route equals W G Wᵀ formed from the input Gram
+                    C = output_gram(shard, name)
+                    error = (C - W @ G @ W.T).norm() / (W @ G @ W.T).norm()
                 assert error < 1e-10, (index, name, float(error))
                 assert torch.allclose(shard[f"{group}.abs_sum"], X.abs().sum(0), rtol=1e-10)
                 # the paper's Algorithm 1 hooks outputs: C = Σ y yᵀ must equal W G Wᵀ
                 # (y comes out of the float32 layer, hence float32 tolerance)
                 Y = torch.cat(captured[f"{index}.{name}:out"])
-                W = model.model.layers[index].get_submodule(name).weight.detach().double()
-                C = W @ shard[f"{group}.gram"] @ W.T
                 assert float((C - Y.T @ Y).norm() / (Y.T @ Y).norm()) < 1e-5
         # importance against hidden states taken from the plain forward
         h_in = outputs.hidden_states[index].double()
@@ -197,3 +204,16 @@ def test_bad_inputs_are_one_line_errors_and_touch_nothing(
         assert message in result.output, (case, result.output)
         assert "Traceback" not in result.output and result.output.strip().count("\n") == 0, (case, result.output)
         assert snapshot(foreign_work) == before, case
+
+
+def test_older_format_work_is_refused_then_replaced_with_force(
+    tiny_llama_dir: Path, tiny_text_file: Path, tmp_path: Path
+) -> None:
+    work = tmp_path / "work"
+    run_calibrate(options(tiny_llama_dir, work, tiny_text_file))
+    manifest = json.loads((work / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SwiftSVDError, match="format version 1.*--force"):
+        run_calibrate(options(tiny_llama_dir, work, tiny_text_file))
+    assert run_calibrate(options(tiny_llama_dir, work, tiny_text_file, force=True)).computed_layers == [0, 1]

@@ -18,7 +18,8 @@ from swiftsvd_cli.core.compensation import (
     damped_cholesky,
     noise_floor,
 )
-from swiftsvd_cli.core.linalg import accumulate_gram, eigenbasis, factorize, make_empty_gram
+from swiftsvd_cli.core.grams import accumulate_gram, make_empty_gram, symmetric_from_upper
+from swiftsvd_cli.core.linalg import eigenbasis, factorize
 
 D = torch.float64
 
@@ -43,7 +44,7 @@ def sums(W: torch.Tensor, X: torch.Tensor, X_hat: torch.Tensor, chunks: int = 3)
     for x, x_hat in zip(X.T.chunk(chunks), X_hat.T.chunk(chunks), strict=True):
         accumulate_cross(H, x, x_hat)
         accumulate_gram(G_hat, x_hat)
-    return W.to(D) @ H, G_hat
+    return W.to(D) @ H, symmetric_from_upper(G_hat)  # the engine's Ĝ (accumulated as its upper triangle)
 
 
 def problem(m: int, n: int, N: int, noise: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -26,6 +26,7 @@ from swiftsvd_cli.model.loading import ModelSource
 from swiftsvd_cli.stages.allocate import AllocateOptions, run_allocate
 from swiftsvd_cli.stages.calibrate import CalibrateOptions, run_calibrate
 from swiftsvd_cli.stages.compress import CompressOptions, run_compress
+from tests.conftest import linear_inputs
 
 SAMPLES, SEQLEN = 16, 64
 
@@ -105,31 +106,20 @@ def test_factored_equals_merged_and_sizes_match_plan(work: Path, trained_llama_d
     assert generated.shape == (1, 7)
 
 
-def test_predicted_loss_matches_measured(work: Path, trained_llama_dir: Path, tmp_path: Path) -> None:
-    """The plan's Σ_{i>k} λ_i equals ‖WX − ABX‖² measured on the calibration Gram."""
-    from swiftsvd_cli.artifacts import store
-
+def test_predicted_loss_matches_measured(
+    work: Path, trained_llama_dir: Path, tiny_text_file: Path, tmp_path: Path
+) -> None:
+    """The plan's Σ_{i>k} λ_i equals ‖WX − ABX‖² measured on the calibration inputs of a plain forward pass."""
     plan = RankPlan.load(plan_for(work, 0.4))
     compressed, _ = load_compressed(compress_to(trained_llama_dir, plan_for(work, 0.4), tmp_path / "c"))
     original = AutoModelForCausalLM.from_pretrained(trained_llama_dir, dtype=torch.float32)
-    manifest = CalibrationManifest.load(work)
+    inputs = linear_inputs(trained_llama_dir, tiny_text_file, SAMPLES, SEQLEN)
     for module in plan.modules:
-        grams = store.read_shard(work, manifest.layers[module.layer].shard)
-        group = {
-            "q": "attn_in",
-            "k": "attn_in",
-            "v": "attn_in",
-            "o": "attn_out",
-            "gate": "mlp_in",
-            "up": "mlp_in",
-            "down": "mlp_out",
-        }[module.kind.split("_")[0]]
         path = f"model.layers.{module.layer}.{module.module}"
         W = original.get_submodule(path).weight.detach().double()
         low = compressed.get_submodule(path)
         W_k = low.A.weight.detach().double() @ low.B.weight.detach().double()
-        E = W - W_k
-        measured = float(torch.trace(E @ grams[f"{group}.gram"] @ E.T))
+        measured = float((((W - W_k) @ inputs[path].T) ** 2).sum())
         assert measured == pytest.approx(module.predicted_loss, rel=1e-4, abs=1e-6), path
 
 
@@ -286,7 +276,7 @@ def test_cached_eigenbases_need_no_model(work: Path, tmp_path: Path, monkeypatch
     def no_load(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(engine, "load_model", no_load)
+    monkeypatch.setattr(engine, "open_model", no_load)
     uniform = RankPlan.load(plan_for(work, 0.4))
     fixed_alpha = RankPlan.load(plan_for(work, 0.4, "dynamic", alpha=0.5))
     assert uniform.achieved_ratio <= 0.4 and fixed_alpha.alpha == 0.5
@@ -313,7 +303,8 @@ def test_an_eigenbasis_of_another_gram_is_recomputed(
     assert again.eigen_computed == [1]
     assert EigenIndex.load(work).layers[1].gram_sha256 == CalibrationManifest.load(work).layers[1].shard.sha256
     index_file = work / "eigen" / "index.json"
-    index_file.write_text(index_file.read_text().replace('"format_version": 1', '"format_version": 0'))
+    current = f'"format_version": {EigenIndex.FORMAT_VERSION}'
+    index_file.write_text(index_file.read_text().replace(current, '"format_version": 0'))
     stale = run_allocate(AllocateOptions(work=work, ratio=0.5, strategy="uniform", device="cpu", force=True))
     assert stale.eigen_computed == [0, 1]  # a cache of another format is recomputed, not refused
 
@@ -340,8 +331,13 @@ def test_baseline_names_the_input_statistic_it_lacks(
 
     model = AutoModelForCausalLM.from_pretrained(trained_llama_dir, dtype=torch.float32)
     linears = target_linears(decoder_layers(model, LLAMA)[0], LLAMA)
+    weights = {name: linear.weight for name, linear in linears.items()}
+    manifest = CalibrationManifest.load(work)
+    with pytest.raises(SwiftSVDError, match="'svd-llm' needs input Grams.*--keep-input-grams"):
+        FactorSource("svd-llm", work, manifest, EigenIndex.load(work), LLAMA, "cpu")  # output Grams for mlp_out
+    manifest = dataclasses.replace(manifest, grams=dict.fromkeys(manifest.grams, "input"))  # as if all were kept
     for method, key in (("svd-llm", "attn_in.gram"), ("asvd", "attn_in.abs_sum")):
-        source = FactorSource(method, work, CalibrationManifest.load(work), EigenIndex.load(work), LLAMA, "cpu")
+        source = FactorSource(method, work, manifest, EigenIndex.load(work), LLAMA, "cpu")
         monkeypatch.setattr(source, "_read", lambda shard, expect: {"tokens": torch.tensor(4)})
-        with pytest.raises(SwiftSVDError, match=f"no '{key}'.*'{method}' needs"):
-            source(0, linears, {"self_attn.q_proj": 2})
+        with pytest.raises(SwiftSVDError, match=f"no '{key}'.*'{method}' needs: recalibrate with --keep-input-grams"):
+            source(0, weights, {"self_attn.q_proj": 2})

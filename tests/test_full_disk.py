@@ -58,7 +58,6 @@ def test_a_full_disk_keeps_every_artifact_and_says_how_much_space_was_needed(
     work: Path, tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from safetensors.torch import save_file
-    from transformers import PreTrainedModel
 
     runner = CliRunner()
     plan = work / "plans" / "ratio-0.50-uniform.json"
@@ -78,8 +77,8 @@ def test_a_full_disk_keeps_every_artifact_and_says_how_much_space_was_needed(
         ("plan JSON", "pathlib.Path.write_text", write_text, allocate, plan),
         (
             "checkpoint",
-            "transformers.PreTrainedModel.save_pretrained",
-            fills_disk(PreTrainedModel.save_pretrained, lambda _model, folder: Path(folder) / "model.safetensors"),
+            "swiftsvd_cli.model.checkpoint.save_file",  # the shard writer's
+            fills_disk(save_file, lambda _tensors, path: Path(path)),
             compress,
             out / "model.safetensors",
         ),

@@ -12,17 +12,18 @@ import pytest
 import torch
 from torch import Tensor
 
+from swiftsvd_cli.core.grams import accumulate_gram, make_empty_gram, symmetric_from_upper
 from swiftsvd_cli.core.linalg import (
     SVD_PRECISION,
-    accumulate_gram,
     break_even_rank,
     effective_rank,
     eigenbasis,
+    expand_basis,
     factorize,
     gram_sqrt,
     group_eigenbases,
-    make_empty_gram,
     normalized_effective_rank,
+    output_gram_eigenbasis,
     predicted_loss,
     uniform_rank,
 )
@@ -49,7 +50,7 @@ def gram_of(X: Tensor) -> Tensor:
     G = make_empty_gram(X.shape[0])
     for start in range(0, X.shape[1], 37):  # uneven batches
         accumulate_gram(G, X[:, start : start + 37].T)
-    return G
+    return symmetric_from_upper(G)
 
 
 def output_loss(W: Tensor, A: Tensor, B: Tensor, X: Tensor) -> float:
@@ -132,6 +133,38 @@ def test_n_by_n_route_equals_output_gram_route() -> None:
         P_ref = U_C[:, :k] @ U_C[:, :k].T
         P = basis.vectors[:, :k] @ basis.vectors[:, :k].T
         torch.testing.assert_close(P, P_ref, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("tokens", [300, 10])  # full-rank G, and fewer tokens than k (zero-energy completion)
+def test_compact_basis_rebuilds_the_eigenvectors(tokens: int) -> None:
+    """m > n: vectors[:, :p] = W @ coefficients exactly; a float32 copy of the n-row coefficients (what the eigen
+    shard stores instead of the m-row vectors) rebuilds them to float32 accuracy and keeps them orthonormal."""
+    m, n = 40, 24
+    X = torch.randn(n, tokens, generator=gen(25), dtype=F64)
+    W = torch.randn(m, n, generator=gen(26), dtype=F64)
+    basis = eigenbasis(W, gram_of(X))
+    assert basis.coefficients is not None
+    p = basis.coefficients.shape[1]
+    k = basis.vectors.shape[1]
+    assert p == min(k, tokens)
+    torch.testing.assert_close(W @ basis.coefficients, basis.vectors[:, :p], rtol=0, atol=1e-12)
+    U = expand_basis(W, basis.coefficients.float(), basis.vectors[:, p:].float())
+    assert U.shape == (m, k) and U.dtype == F64
+    assert float((U - basis.vectors).abs().max()) < 1e-5
+    assert float((U.T @ U - torch.eye(k, dtype=F64)).abs().max()) < 1e-5
+    assert eigenbasis(torch.randn(24, 40, dtype=F64), gram_of(torch.randn(40, 99, dtype=F64))).coefficients is None
+
+
+def test_output_gram_eigenbasis_equals_the_input_gram_route() -> None:
+    """m ≤ n: decomposing an accumulated C = W G Wᵀ is the same computation as forming it from G."""
+    m, n = 24, 40
+    X = torch.randn(n, 300, generator=gen(27), dtype=F64)
+    W = torch.randn(m, n, generator=gen(28), dtype=F64)
+    G = gram_of(X)
+    direct = eigenbasis(W, G)
+    from_C = output_gram_eigenbasis(W @ G @ W.T, n)
+    torch.testing.assert_close(from_C.eigenvalues, direct.eigenvalues, rtol=0, atol=0)
+    torch.testing.assert_close(from_C.vectors, direct.vectors, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("m,n", SHAPES)

@@ -21,6 +21,7 @@ from swiftsvd_cli.artifacts import store
 from swiftsvd_cli.artifacts.manifest import CalibrationManifest
 from swiftsvd_cli.cli import app
 from swiftsvd_cli.config import Sampler
+from swiftsvd_cli.core.grams import unpack_upper
 from swiftsvd_cli.data.text import load_text, sample_windows
 from swiftsvd_cli.engine import eigen
 from tests.test_distributed import TORCHRUN, launch
@@ -66,7 +67,7 @@ def test_an_overflowing_window_is_named_or_skipped_and_recorded(
     assert not list((tmp_path / "refused").glob("covariance/*"))  # no Gram holds any of it
 
     work = tmp_path / "skipped"
-    result = calibrate(model_dir, tiny_text_file, work, "--skip-nonfinite")
+    result = calibrate(model_dir, tiny_text_file, work, "--skip-nonfinite", "--gram-precision", "float64")
     assert result.exit_code == 0, result.output
     manifest = CalibrationManifest.load(work)
     assert [record.skipped for record in manifest.layers.values()] == [[window]] * manifest.model.num_layers
@@ -82,7 +83,8 @@ def test_an_overflowing_window_is_named_or_skipped_and_recorded(
     X = torch.cat(inputs).reshape(-1, inputs[0].shape[-1]).double()
     shard = store.read_shard(work, manifest.layers[1].shard)
     assert manifest.layers[1].tokens == kept.numel() == int(shard["tokens"])
-    assert float((shard["attn_in.gram"] - X.T @ X).norm() / (X.T @ X).norm()) < 1e-10
+    G = unpack_upper(shard["attn_in.gram"])
+    assert float((G - X.T @ X).norm() / (X.T @ X).norm()) < 1e-10
 
 
 def test_two_processes_check_their_own_windows_and_record_every_skip(
@@ -126,7 +128,7 @@ def test_allocate_refuses_a_gram_with_nan(work: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(str(shard))
-    tensors["mlp_in.gram"][3, 5] = float("nan")
+    tensors["mlp_in.gram"][7] = float("nan")  # a packed upper triangle
     save_file(tensors, str(shard))
     manifest = json.loads((copy / "manifest.json").read_text())  # re-signed: only the content check can catch it
     manifest["layers"]["1"]["shard"] |= {"sha256": hashlib.sha256(shard.read_bytes()).hexdigest()}

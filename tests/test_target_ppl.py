@@ -20,14 +20,15 @@ from swiftsvd_cli.config import VAL_SAMPLES
 from swiftsvd_cli.core.allocation import parameter_count
 from swiftsvd_cli.core.linalg import uniform_rank
 from swiftsvd_cli.data.text import load_text, spread_windows, tokenize
-from swiftsvd_cli.engine.eigen import load_eigen_index, load_matching_model
-from swiftsvd_cli.engine.factors import FactorSource, reconstructed
+from swiftsvd_cli.engine.eigen import load_eigen_index
+from swiftsvd_cli.engine.factors import FactorSource
 from swiftsvd_cli.metrics.perplexity import perplexity
 from swiftsvd_cli.model.architectures import LLAMA
 from swiftsvd_cli.model.checkpoint import load_compressed
-from swiftsvd_cli.model.loading import ModelSource
+from swiftsvd_cli.model.loading import ModelSource, load_model
 from swiftsvd_cli.stages.allocate import AllocateOptions, run_allocate
 from swiftsvd_cli.stages.calibrate import CalibrateOptions, run_calibrate
+from tests.test_streaming import reconstructed
 
 SEQLEN = 64
 runner = CliRunner()
@@ -50,7 +51,7 @@ def validation_windows(work: Path, tokenizer: Any) -> torch.Tensor:
 def validation_ppl(work: Path, ranks: dict[tuple[int, str], int]) -> float:
     """Validation perplexity of the plan `ranks` (dense reconstruction), scored from scratch."""
     manifest = CalibrationManifest.load(work)
-    loaded = load_matching_model(work, manifest, None, "cpu")
+    loaded = load_model(manifest.model.spec, dtype="float32", device="cpu")  # whole: the reference path
     factors = FactorSource("swift", work, manifest, load_eigen_index(work, manifest), LLAMA, "cpu")
     windows = validation_windows(work, loaded.tokenizer)
     with reconstructed(loaded.model, LLAMA, ranks, factors):

@@ -1,14 +1,18 @@
 """The eigenbasis cache of a WORK (`WORK/eigen/index.json` + `eigen/layer_XXX.safetensors`).
 
-Shard `eigen/layer_XXX.safetensors`: `<module>.eigenvalues` (all, float64) and `<module>.vectors` (the top
-break-even-rank eigenvectors, float32). The index records, per layer, the SHA-256 of the Gram shard each
-eigen shard was computed from: a recalibrated layer invalidates exactly its own eigenbasis, and the eigen format
-can change (version) without invalidating the Grams.
+Shard `eigen/layer_XXX.safetensors`, per module: `<module>.eigenvalues` (all, float64) and the top
+break-even-rank eigenvectors in float32 (they become model weights, never more precise than that), in the
+smaller exact form: `<module>.vectors` (m, k) when m ≤ n; when m > n (gate/up: 11008 x 4096)
+`<module>.coefficients` (n, p) with U_p = W @ coefficients, plus `<module>.completion` (m, k − p), the
+zero-energy directions (none unless the calibration had fewer tokens than k). The index records, per layer,
+the SHA-256 of the Gram shard each eigen shard was computed from: a recalibrated layer invalidates exactly its
+own eigenbasis, and the eigen format can change (version) without invalidating the Grams.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -20,15 +24,11 @@ from swiftsvd_cli.artifacts import store
 from swiftsvd_cli.artifacts.format import Artifact, load_artifact
 from swiftsvd_cli.artifacts.manifest import CalibrationManifest
 from swiftsvd_cli.artifacts.provenance import Provenance
+from swiftsvd_cli.core.linalg import Eigenbasis, break_even_rank, expand_basis
 from swiftsvd_cli.errors import SwiftSVDError
 
 INDEX = "eigen/index.json"
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-}  # any other: read as uint8, and so refused
+VECTOR_DTYPE = torch.float32
 
 
 def eigen_shard_name(index: int) -> str:
@@ -52,7 +52,7 @@ class EigenIndex(Artifact):
     """Which eigen shards a WORK holds, for which model (fingerprint) and from which Grams."""
 
     KIND: ClassVar[str] = "eigen"
-    FORMAT_VERSION: ClassVar[int] = 1
+    FORMAT_VERSION: ClassVar[int] = 2  # 2: compact m > n shards (coefficients + completion)
     TITLE: ClassVar[str] = "eigenbasis index"
     REMEDY: ClassVar[str] = "delete WORK/eigen; the next `swiftsvd allocate` recomputes it"
 
@@ -80,12 +80,23 @@ class EigenIndex(Artifact):
         return load_artifact(cls, work / INDEX)
 
 
-def eigen_tensors(shapes: dict[str, tuple[int, int]], modules: tuple[str, ...]) -> dict[str, store.TensorSpec]:
-    """What an eigen shard holds per module (m, n): all min(m, n) eigenvalues and the top eigenvectors (m, k)."""
+def eigen_tensor_specs(
+    shapes: Mapping[str, tuple[int, int]], modules: tuple[str, ...], tokens: int | None = None
+) -> dict[str, store.TensorSpec]:
+    """What an eigen shard holds per module (m, n): all min(m, n) eigenvalues and the top k = break-even-rank
+    eigenvectors in the compact form (module docstring). The energy-carrying directions of an m > n module number
+    p = min(k, rank of the Gram): `tokens` bounds that rank (size estimates); None leaves p (and k − p) open."""
     tensors: dict[str, store.TensorSpec] = {}
     for name in modules:
         m, n = shapes[name]
-        tensors |= {f"{name}.eigenvalues": (torch.float64, (min(m, n),)), f"{name}.vectors": (torch.float32, (m, None))}
+        k = break_even_rank(m, n)
+        tensors[f"{name}.eigenvalues"] = (torch.float64, (min(m, n),))
+        if m <= n:
+            tensors[f"{name}.vectors"] = (VECTOR_DTYPE, (m, None if tokens is None else k))
+        else:
+            p = None if tokens is None else min(k, tokens)
+            tensors[f"{name}.coefficients"] = (VECTOR_DTYPE, (n, p))
+            tensors[f"{name}.completion"] = (VECTOR_DTYPE, (m, None if p is None else k - p))
     return tensors
 
 
@@ -94,7 +105,7 @@ def read_eigenvalues(
 ) -> dict[tuple[int, str], torch.Tensor]:
     """All spectra, (layer, module) -> eigenvalues, read without loading the eigenvectors."""
     spectra: dict[tuple[int, str], torch.Tensor] = {}
-    expect = eigen_tensors(shapes, modules)
+    expect = eigen_tensor_specs(shapes, modules)
     for layer, record in sorted(index.layers.items()):
         path = store.check_shard(work, record.shard, verify=verify)
         try:
@@ -109,13 +120,35 @@ def read_eigenvalues(
                     key = f"{name}.eigenvalues"
                     spectra[(layer, name)] = handle.get_tensor(key)
                     store.check_tensor(path, key, spectra[(layer, name)], expect[key])
-                    vectors = handle.get_slice(f"{name}.vectors")  # its header only: shape and dtype, not its data
+                for key in sorted(names - {f"{name}.eigenvalues" for name in modules}):
+                    vectors = handle.get_slice(key)  # its header only: shape and dtype, not its data
                     empty = torch.empty(
                         vectors.get_shape(),
-                        dtype=SAFETENSORS_DTYPES.get(vectors.get_dtype(), torch.uint8),
+                        dtype=store.SAFETENSORS_DTYPES.get(vectors.get_dtype(), torch.uint8),  # unknown: refused
                         device="meta",
                     )
-                    store.check_tensor(path, f"{name}.vectors", empty, expect[f"{name}.vectors"])
+                    store.check_tensor(path, key, empty, expect[key])
         except SafetensorError as error:
             raise SwiftSVDError(f"corrupt shard {path}: {error}") from error
     return spectra
+
+
+def eigen_tensors(name: str, basis: Eigenbasis) -> dict[str, torch.Tensor]:
+    """The shard tensors of one module's eigenbasis, in the smaller exact form (module docstring)."""
+    tensors = {f"{name}.eigenvalues": basis.eigenvalues}
+    if basis.coefficients is None:
+        return tensors | {f"{name}.vectors": basis.vectors.to(VECTOR_DTYPE)}
+    p = basis.coefficients.shape[1]
+    return tensors | {
+        f"{name}.coefficients": basis.coefficients.to(VECTOR_DTYPE),
+        f"{name}.completion": basis.vectors[:, p:].to(VECTOR_DTYPE),
+    }
+
+
+def eigenvectors(tensors: Mapping[str, torch.Tensor], name: str, W: torch.Tensor, k: int) -> torch.Tensor:
+    """The top-k eigenvectors (m, k) of module `name` from its shard tensors, in W's dtype and on W's device."""
+    if f"{name}.vectors" in tensors:
+        return tensors[f"{name}.vectors"][:, :k].to(W)
+    coefficients = tensors[f"{name}.coefficients"]
+    p = min(k, coefficients.shape[1])
+    return expand_basis(W, coefficients[:, :p], tensors[f"{name}.completion"][:, : k - p])

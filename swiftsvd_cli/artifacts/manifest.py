@@ -3,7 +3,8 @@
 A WORK directory holds this manifest and per-layer Gram shards under `covariance/`; eigenbases derived from them
 have their own index (`eigen/index.json`, swiftsvd_cli.artifacts.eigen). The manifest also records every target
 linear's shape and the model family, so stages that only need spectra (`report`, `allocate` with cached
-eigenbases) never load the model.
+eigenbases) never load the model. Format 4: packed float64 Grams, output Grams where smaller (`grams`), the Gram
+precision route and the device that chose it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from swiftsvd_cli.artifacts.format import Artifact, Upgrade, load_artifact
+from swiftsvd_cli.artifacts.format import Artifact, load_artifact
 from swiftsvd_cli.artifacts.provenance import Provenance
 from swiftsvd_cli.artifacts.store import Shard, TensorSpec
 from swiftsvd_cli.errors import SwiftSVDError
@@ -52,6 +53,8 @@ class CalibrationSettings:
     seqlen: int
     seed: int
     dtype: str
+    gram_precision: str  # "float64" or "float32" products (core.grams), summed in float64 either way
+    keep_input_grams: bool  # every input Gram kept, even where the output Grams are smaller
     sampler: str = "tokens"  # how windows were drawn (config.Sampler); manifests before it: seeded token windows
 
 
@@ -74,8 +77,7 @@ class CalibrationManifest(Artifact):
     """A WORK's calibration; `layers` grows (through `with_layer`) as layers are calibrated."""
 
     KIND: ClassVar[str] = "calibration"
-    FORMAT_VERSION: ClassVar[int] = 3  # 2: shapes, options, provenance, eigen/index.json; 3: skipped windows
-    UPGRADES: ClassVar[dict[int, Upgrade]] = {2: lambda data: data | {"format_version": 3}}  # 2 never skipped one
+    FORMAT_VERSION: ClassVar[int] = 4  # 2: shapes, options, provenance; 3: skipped windows; 4: packed/output Grams
     TITLE: ClassVar[str] = "calibration manifest"
     REMEDY: ClassVar[str] = "recalibrate (`swiftsvd calibrate`) into a new directory, or pass --force"
 
@@ -84,6 +86,8 @@ class CalibrationManifest(Artifact):
     shapes: dict[str, tuple[int, int]]  # target linear path inside a decoder layer -> (m, n), same in every layer
     options: dict[str, Any]  # the resolved options of the run that created it (batch size, device, ...)
     provenance: Provenance
+    grams: dict[str, str]  # input group -> "input" (G stored) or "output" (its modules' C = W G Wᵀ stored)
+    device: str  # where the Grams were accumulated (its kind chose the precision route)
     layers: dict[int, LayerRecord] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -93,14 +97,13 @@ class CalibrationManifest(Artifact):
         outside = [index for index in self.layers if not 0 <= index < self.model.num_layers]
         if outside:
             raise ValueError(f"layer(s) {outside} outside 0..{self.model.num_layers - 1}")
+        forms = sorted(set(self.grams.values()) - {"input", "output"})
+        if forms:
+            raise ValueError(f"unknown Gram form(s) {forms}: 'input' or 'output'")
 
     def gram_tensors(self, groups: Mapping[str, tuple[str, ...]]) -> dict[str, TensorSpec]:
-        """What a covariance shard holds: per input group its Gram (n, n) and Σ|x| (n,), and the token count."""
-        tensors: dict[str, TensorSpec] = {"tokens": (torch.int64, ())}
-        for group, names in groups.items():
-            n = self.shapes[names[0]][1]
-            tensors |= {f"{group}.gram": (torch.float64, (n, n)), f"{group}.abs_sum": (torch.float64, (n,))}
-        return tensors
+        """What each covariance shard of this WORK holds (`covariance_tensors`)."""
+        return covariance_tensors(self.shapes, groups, self.grams)
 
     @property
     def complete(self) -> bool:
@@ -122,6 +125,24 @@ class CalibrationManifest(Artifact):
     @classmethod
     def load(cls, work: Path) -> CalibrationManifest:
         return load_artifact(cls, work / MANIFEST)
+
+
+def covariance_tensors(
+    shapes: Mapping[str, tuple[int, int]], groups: Mapping[str, tuple[str, ...]], forms: Mapping[str, str]
+) -> dict[str, TensorSpec]:
+    """A covariance shard's tensors: the token count and, per input group, Σ|x| (n,) and either its input Gram
+    (`<group>.gram`) or each consumer's output Gram (`<module>.output_gram`), as packed upper triangles."""
+    tensors: dict[str, TensorSpec] = {"tokens": (torch.int64, ())}
+    for group, names in groups.items():
+        n = shapes[names[0]][1]
+        tensors[f"{group}.abs_sum"] = (torch.float64, (n,))
+        if forms[group] == "input":
+            tensors[f"{group}.gram"] = (torch.float64, (n * (n + 1) // 2,))
+        else:
+            for name in names:
+                m = shapes[name][0]
+                tensors[f"{name}.output_gram"] = (torch.float64, (m * (m + 1) // 2,))
+    return tensors
 
 
 def load_complete_manifest(work: Path) -> CalibrationManifest:

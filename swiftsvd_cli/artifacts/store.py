@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from swiftsvd_cli.errors import SwiftSVDError
+from swiftsvd_cli.log import human_bytes
 
 logger = logging.getLogger("swiftsvd")
 
@@ -41,6 +43,11 @@ def umask() -> int:
 def _owner() -> str:
     """What temp names carry to say who writes them: this host and process (".x.<host>-<pid>.<random>")."""
     return f"{socket.gethostname().replace('.', '_').replace('-', '_')}-{os.getpid()}"
+
+
+def owned_temp_name(stem: str) -> str:
+    """A temp file name that carries its writer (".stem.<host>-<pid>.tmp"), for files written in place."""
+    return f".{stem}.{_owner()}.tmp"
 
 
 OWNED_TEMP = re.compile(r"\..+\.(?P<host>[^.]+)-(?P<pid>\d+)\.[^.]+(\.tmp)?")
@@ -151,6 +158,17 @@ def sha256_file(path: Path) -> str:
 
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
+SAFETENSORS_DTYPES = {  # a safetensors header's dtype names
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 TensorSpec = tuple[torch.dtype, tuple[int | None, ...]]
 """What a shard's tensor must be: its dtype and shape (None: any size along that dimension)."""
 
@@ -180,6 +198,35 @@ def write_shard(root: Path, relative: str, tensors: dict[str, torch.Tensor]) -> 
     size = sum(tensor.numel() * tensor.element_size() for tensor in contiguous.values())
     _atomic_write(path, lambda tmp: save_file(contiguous, str(tmp)), size)
     return Shard(file=relative, sha256=sha256_file(path), bytes=path.stat().st_size)
+
+
+def shard_bytes(tensors: Mapping[str, TensorSpec]) -> int:
+    """Bytes of a safetensors file holding tensors of these dtypes and (fully known) shapes: data plus header."""
+    data, header = 0, 16
+    for name, (dtype, shape) in tensors.items():
+        if None in shape:
+            raise ValueError(f"{name}: a size estimate needs every dimension, got {shape}")
+        data += math.prod(size or 0 for size in shape) * torch.empty(0, dtype=dtype).element_size()
+        header += len(name) + 60 + len(str(list(shape)))
+    return data + header
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem that holds (or will hold) `path`."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return shutil.disk_usage(existing).free
+
+
+def require_disk(path: Path, needed: int, what: str) -> None:
+    """Refuse, before any work, a run whose artifacts cannot fit the free disk, with the numbers."""
+    free = free_bytes(path)
+    if needed > free:
+        raise SwiftSVDError(
+            f"{what} needs {human_bytes(needed)} in {path}, but only {human_bytes(free)} is free there: "
+            "free some space or choose another location"
+        )
 
 
 def check_shard(root: Path, shard: Shard, *, verify: bool = True) -> Path:

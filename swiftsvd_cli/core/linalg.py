@@ -1,4 +1,4 @@
-"""Pure math of Swift-SVD: input Grams, the optimal eigenbasis of C = W G Wᵀ, factors and loss curves.
+"""Pure math of Swift-SVD: the optimal eigenbasis of C = W G Wᵀ, factors and loss curves (Grams: core.grams).
 
 Tensors in, tensors out: no files, no logging, no device choice (everything runs where its inputs live).
 Notation follows the paper: W (m, n) a linear layer's weight (m = out, n = in features), G = Σ x xᵀ (n, n)
@@ -21,24 +21,6 @@ SVD_PRECISION = torch.float64
 
 RANK_FLOOR_SLACK = 1e-9
 """Added before flooring a rank so that decimal ratios (0.29 · 100 = 28.999999999999996) floor as meant."""
-
-
-def make_empty_gram(n: int) -> Tensor:
-    """A zero (n, n) float64 Gram to accumulate into; float64 because sums over millions of tokens drift."""
-    return torch.zeros(n, n, dtype=torch.float64)
-
-
-def accumulate_gram(G: Tensor, x: Tensor) -> int:
-    """Add xᵀ x to G in place (in G's dtype and on G's device); return the number of tokens (rows) added.
-
-    x is (..., n) in any dtype, e.g. a (batch, seq, n) activation captured by a hook.
-    """
-    n = G.shape[0]
-    if x.shape[-1] != n:
-        raise ValueError(f"input has {x.shape[-1]} features, Gram is {n} x {n}")
-    X = x.reshape(-1, n).to(device=G.device, dtype=G.dtype)  # (N, n)
-    G.addmm_(X.T, X)
-    return int(X.shape[0])
 
 
 def break_even_rank(m: int, n: int) -> int:
@@ -74,10 +56,16 @@ def gram_sqrt(G: Tensor, precision: torch.dtype = SVD_PRECISION) -> Tensor:
 
 @dataclass(frozen=True)
 class Eigenbasis:
-    """Spectrum of C = W G Wᵀ: all eigenvalues and the top-k eigenvectors, enough for every rank ≤ k."""
+    """Spectrum of C = W G Wᵀ: all eigenvalues and the top-k eigenvectors, enough for every rank ≤ k.
+
+    For m > n, `coefficients` (n, p) give the first p eigenvectors as vectors[:, :p] = W @ coefficients (the
+    energy-carrying directions lie in W's column space): a cache can store these n-row coefficients and the
+    k − p zero-energy columns instead of the m-row vectors, and rebuild them with `expand_basis`.
+    """
 
     eigenvalues: Tensor  # (min(m, n),) descending, ≥ 0, noise-level ones set to 0
     vectors: Tensor  # (m, k) orthonormal columns, the top-k eigenvectors of C
+    coefficients: Tensor | None = None  # (n, p), p ≤ k: vectors[:, :p] = W @ coefficients (m > n only)
 
 
 def _zero_noise(lam: Tensor, dim: int) -> Tensor:
@@ -88,13 +76,35 @@ def _zero_noise(lam: Tensor, dim: int) -> Tensor:
     return torch.where(lam > tol, lam, torch.zeros_like(lam))
 
 
-def _orthonormal_columns(U: Tensor) -> Tensor:
-    """Q of U = Q R with diag(R) ≥ 0: keeps every leading span of U (so every prefix U_k stays optimal)
-    and restores exact orthonormality that dividing by small √λ erodes."""
+def _orthonormal_columns(U: Tensor) -> tuple[Tensor, Tensor]:
+    """U = Q T with diag(T) ≥ 0: Q keeps every leading span of U (so every prefix U_k stays optimal) and
+    restores exact orthonormality that dividing by small √λ erodes; T (k, k) upper triangular."""
     Q, R = torch.linalg.qr(U)
     d = torch.sign(torch.diagonal(R))
-    Q_signed: Tensor = Q * torch.where(d == 0, torch.ones_like(d), d)  # (m, k)
-    return Q_signed
+    d = torch.where(d == 0, torch.ones_like(d), d)
+    return Q * d, d[:, None] * R  # (m, k), (k, k)
+
+
+def _top_eigenpairs(C: Tensor, k: int, dim: int) -> Eigenbasis:
+    """All eigenvalues (descending, noise zeroed at dim · eps · λ₁) and the top-k eigenvectors of symmetric C."""
+    lam, Q = torch.linalg.eigh(_symmetric(C))  # ascending
+    lam = _zero_noise(lam.flip(0), dim)
+    return Eigenbasis(eigenvalues=lam, vectors=Q.flip(1)[:, :k].contiguous())
+
+
+def output_gram_eigenbasis(
+    C: Tensor, n: int, k: int | None = None, precision: torch.dtype = SVD_PRECISION
+) -> Eigenbasis:
+    """`eigenbasis` of an (m, n) module whose output Gram C = W G Wᵀ (m, m) was accumulated directly (m ≤ n)."""
+    m = C.shape[0]
+    k = break_even_rank(m, n) if k is None else k
+    check_rank(m, n, k)
+    return _top_eigenpairs(C.to(dtype=precision), k, max(m, n))
+
+
+def expand_basis(W: Tensor, coefficients: Tensor, completion: Tensor) -> Tensor:
+    """The (m, k) eigenvectors [W @ coefficients, completion] of a compact m > n eigenbasis, in W's dtype."""
+    return torch.cat([W @ coefficients.to(dtype=W.dtype, device=W.device), completion.to(W)], dim=1)
 
 
 def eigenbasis(
@@ -118,25 +128,21 @@ def eigenbasis(
     check_rank(m, n, k)
     W_ = W.to(dtype=precision)  # (m, n)
     if m <= n:
-        C = _symmetric(W_ @ G.to(dtype=precision) @ W_.T)  # (m, m)
-        lam, Q = torch.linalg.eigh(C)  # ascending
-        lam = _zero_noise(lam.flip(0), max(m, n))  # (m,)
-        return Eigenbasis(eigenvalues=lam, vectors=Q.flip(1)[:, :k].contiguous())
+        return _top_eigenpairs(W_ @ G.to(dtype=precision) @ W_.T, k, max(m, n))  # C is (m, m)
     S_ = gram_sqrt(G, precision) if S is None else S.to(dtype=precision)  # (n, n)
     M = W_ @ S_  # (m, n), M Mᵀ = C
     lam, V = torch.linalg.eigh(_symmetric(M.T @ M))  # (n,), (n, n)
+    del M
     lam = _zero_noise(lam.flip(0), max(m, n))
-    V_k = V.flip(1)[:, :k]  # (n, k)
     lam_k = lam[:k]
-    positive = lam_k > 0
-    U = (M @ V_k) / torch.where(positive, lam_k, torch.ones_like(lam_k)).sqrt()  # (m, k)
-    n_zero = int((~positive).sum())
-    if n_zero:
-        # Zero-energy directions: any orthonormal completion is optimal; a fixed seed keeps runs reproducible.
-        gen = torch.Generator().manual_seed(0)
-        fill = torch.randn(m, n_zero, generator=gen, dtype=precision).to(U.device)
-        U = torch.cat([U[:, positive], fill], dim=1)
-    return Eigenbasis(eigenvalues=lam, vectors=_orthonormal_columns(U) if k else U)
+    p = int((lam_k > 0).sum())  # a prefix: eigenvalues are descending
+    R = (S_ @ V.flip(1)[:, :p]) / lam_k[:p].sqrt()  # (n, p): U_p = M V_p Λ_p^{-1/2} = W R
+    # Zero-energy directions: any orthonormal completion is optimal; a fixed seed keeps runs reproducible.
+    fill = torch.randn(m, k - p, generator=torch.Generator().manual_seed(0), dtype=precision).to(W_.device)
+    U, T = _orthonormal_columns(torch.cat([W_ @ R, fill], dim=1))  # (m, k), (k, k)
+    # U[:, :p] = (W R) T_pp⁻¹ since T is upper triangular: the coefficients of the orthonormalised vectors.
+    coefficients = torch.linalg.solve_triangular(T[:p, :p], R, upper=True, left=False)  # (n, p)
+    return Eigenbasis(eigenvalues=lam, vectors=U, coefficients=coefficients)
 
 
 def group_eigenbases(

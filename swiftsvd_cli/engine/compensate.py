@@ -7,11 +7,12 @@ T = W X X̂ᵀ where the linears' outputs are narrower than their input: down_pr
 regression of `core.compensation` and install the factors in the copy before the next group runs, so every
 later input already sees them. The copy then replaces the layer and both hidden-state streams move on.
 
-Memory: one decoder layer and its copy on the device, the two streams of hidden states on the CPU (2x what
-calibration holds). The solve of the widest group holds Ĝ, its symmetrised/damped copy and the Cholesky factor
-(3 n² float64) plus T and W_ls (2 m n): down_proj is 3.6 GB at Llama-2-7B (n = 11008, m = 4096) and 24 GB at
-Llama-2-70B (n = 28672, m = 8192); the cross term is summed on the output side there (m n, not n²). The sums are
-plain sums over tokens: a data-parallel run all-reduces `GroupSums` before `solve`, nothing else changes.
+Memory: one decoder layer (read from the checkpoint) and its copy on the device, the two streams of hidden states on
+the CPU (2x what calibration holds); never the whole model. The solve of the widest group holds Ĝ, its
+symmetrised/damped copy and the Cholesky factor (3 n² float64) plus T and W_ls (2 m n): down_proj is 3.6 GB at
+Llama-2-7B (n = 11008, m = 4096) and 24 GB at Llama-2-70B (n = 28672, m = 8192); the cross term is summed on the
+output side there (m n, not n²). The sums are plain sums over tokens: a data-parallel run all-reduces `GroupSums`
+before `solve`, nothing else changes.
 Time: per layer, each group's pass runs both layers only up to that group's input, plus one full pass of each
 to move the streams on; the extra float64 work is Ĝ and the cross term, about twice calibration's Gram.
 Ratio-specific (it depends on the compressed prefix), so nothing here is written to the calibration cache.
@@ -36,13 +37,20 @@ from swiftsvd_cli.core.compensation import (
     compensated_factors,
     noise_floor,
 )
-from swiftsvd_cli.core.linalg import SVD_PRECISION, accumulate_gram, make_empty_gram
+from swiftsvd_cli.core.grams import accumulate_gram, make_empty_gram, symmetric_from_upper
+from swiftsvd_cli.core.linalg import SVD_PRECISION
 from swiftsvd_cli.data.text import calibration_windows, load_text, tokenize
 from swiftsvd_cli.engine.factors import Factors, RankMap
 from swiftsvd_cli.errors import SwiftSVDError
-from swiftsvd_cli.log import progress
 from swiftsvd_cli.model.architectures import ArchSpec, decoder_layers, target_linears
-from swiftsvd_cli.model.layerwise import LayerInputs, capture_first_layer_inputs, iterate_batches, layer_output
+from swiftsvd_cli.model.layerwise import (
+    HiddenStates,
+    LayerInputs,
+    capture_first_layer_inputs,
+    iterate_batches,
+    layer_output,
+)
+from swiftsvd_cli.model.streaming import StreamedModel
 
 logger = logging.getLogger("swiftsvd")
 Install = Callable[[nn.Module, dict[str, nn.Linear], Factors], None]
@@ -132,7 +140,7 @@ def group_sums(
                 accumulate_cross(term, x, x_hat)
             else:
                 accumulate_output_cross(term, W[key], x, x_hat)
-    return GroupSums(G_hat=G_hat, cross=cross, tokens=tokens)
+    return GroupSums(G_hat=symmetric_from_upper(G_hat), cross=cross, tokens=tokens)  # accumulated: upper triangle
 
 
 def solve(linears: dict[str, nn.Linear], sums: GroupSums, ranks: dict[str, int], floor: float) -> tuple[Factors, float]:
@@ -153,47 +161,62 @@ def _advance(layer: nn.Module, inputs: LayerInputs, device: str) -> None:
         inputs.hidden[index] = layer_output(layer, hidden, kwargs).cpu()
 
 
-@torch.no_grad()
-def compensate(
-    model: nn.Module,
-    spec: ArchSpec,
-    windows: torch.Tensor,
-    ranks: RankMap,
-    batch_size: int,
-    device: str,
-    install: Install,
-) -> CompensationResult:
-    """Compress `model` in place: every linear in `ranks` ((layer, linear path) -> rank; the plan's factored
-    linears, dense ones absent) gets factors fitted to the compressed path's inputs on the calibration
-    `windows`; `install` puts each group into the layer as the output will store it (factored, merged or int8)."""
-    start = time.perf_counter()
-    layers = decoder_layers(model, spec)
-    original = capture_first_layer_inputs(model, layers, windows, batch_size)
-    compressed = LayerInputs(hidden=list(original.hidden), kwargs=original.kwargs)
-    damping: dict[str, float] = {}
-    tokens = 0
-    with progress() as bar:
-        task = bar.add_task("compensating", total=len(layers))
-        for index in range(len(layers)):
-            home = next(layers[index].parameters()).device
-            layer = layers[index].to(device)
-            twin = copy.deepcopy(layer)
-            floor = noise_floor(next(layer.parameters()).dtype)  # the activations' precision
-            linears = target_linears(layer, spec)
-            for names in spec.groups.values():
-                wanted = {name: ranks[(index, name)] for name in names if (index, name) in ranks}
-                factors: Factors = {}
-                if wanted:
-                    group = {name: linears[name] for name in wanted}
-                    sums = group_sums(layer, twin, group, names[0], original, compressed, device)
-                    factors, relative = solve(group, sums, wanted, floor)
-                    if relative:
-                        damping |= {f"{index}.{name}": relative for name in wanted}
-                        logger.info("layer %d %s: compressed-path Gram damped by %.0e", index, names[0], relative)
-                    tokens = sums.tokens
-                install(twin, {name: cast(nn.Linear, twin.get_submodule(name)) for name in names}, factors)
-            _advance(layer, original, device)
-            _advance(twin, compressed, device)
-            layers[index] = twin.to(home)  # the original layer is dropped here
-            bar.advance(task)
-    return CompensationResult(damping=damping, tokens=tokens, seconds=time.perf_counter() - start)
+class Compensator:
+    """The compensated pass over a streamed model, one decoder layer at a time (`layer`), in execution order.
+
+    The embeddings are read once to capture what layer 0 receives; the two hidden-state streams (original and
+    compressed path) then wait on the CPU between layers, so host memory holds one layer, its copy and the
+    streams, never the model.
+    """
+
+    def __init__(
+        self,
+        streamed: StreamedModel,
+        spec: ArchSpec,
+        windows: torch.Tensor,
+        ranks: RankMap,
+        batch_size: int,
+        device: str,
+        install: Install,
+    ) -> None:
+        self.spec, self.ranks, self.device, self.install = spec, ranks, device, install
+        self.start = time.perf_counter()
+        layers = decoder_layers(streamed.skeleton, spec)
+        first = HiddenStates.for_windows(windows, batch_size, streamed.config.hidden_size, streamed.dtype)
+        with streamed.loaded(spec.embeddings, "cpu"):
+            self.original = capture_first_layer_inputs(streamed.skeleton, layers, windows, first, "cpu")
+        self.compressed = LayerInputs(hidden=HiddenStates(first.shapes, streamed.dtype), kwargs=self.original.kwargs)
+        for batch in range(len(first)):
+            self.compressed.hidden[batch] = first[batch]  # the same tensors until a layer replaces them
+        self.damping: dict[str, float] = {}
+        self.tokens = 0
+        self.seconds: float | None = None  # set by the first `result`, once every layer is done
+
+    @torch.no_grad()
+    def layer(self, index: int, layer: nn.Module) -> nn.Module:
+        """The compressed copy of decoder layer `index` (`layer`, loaded on the device), every planned linear
+        fitted to what the compressed layers before it produce; both streams are moved past the layer."""
+        twin = copy.deepcopy(layer)
+        floor = noise_floor(next(layer.parameters()).dtype)  # the activations' precision
+        linears = target_linears(layer, self.spec)
+        for names in self.spec.groups.values():
+            wanted = {name: self.ranks[(index, name)] for name in names if (index, name) in self.ranks}
+            factors: Factors = {}
+            if wanted:
+                group = {name: linears[name] for name in wanted}
+                sums = group_sums(layer, twin, group, names[0], self.original, self.compressed, self.device)
+                factors, relative = solve(group, sums, wanted, floor)
+                if relative:
+                    self.damping |= {f"{index}.{name}": relative for name in wanted}
+                    logger.info("layer %d %s: compressed-path Gram damped by %.0e", index, names[0], relative)
+                self.tokens = sums.tokens
+            self.install(twin, {name: cast(nn.Linear, twin.get_submodule(name)) for name in names}, factors)
+        _advance(layer, self.original, self.device)
+        _advance(twin, self.compressed, self.device)
+        return twin
+
+    def result(self) -> CompensationResult:
+        """What the pass did; its time is taken at the first call (after the last layer)."""
+        if self.seconds is None:
+            self.seconds = time.perf_counter() - self.start
+        return CompensationResult(self.damping, self.tokens, self.seconds)

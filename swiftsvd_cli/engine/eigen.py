@@ -2,29 +2,41 @@
 
 The spectrum of C = W G Wᵀ does not depend on the ratio, so every later `allocate` (any ratio, any
 strategy) and every `compress` reads these shards (format: swiftsvd_cli.artifacts.eigen) instead of
-decomposing again. With every eigenbasis cached, spectra and shapes come from the WORK alone: no model load.
+decomposing again. With every eigenbasis cached, spectra and shapes come from the WORK alone: no model read.
+Otherwise weights are read from the checkpoint one input group at a time, so host and device memory hold one
+group's weights in float64, never the model. Under several processes each missing layer has one owner.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from swiftsvd_cli import distributed
 from swiftsvd_cli.artifacts import store
-from swiftsvd_cli.artifacts.eigen import INDEX, EigenIndex, EigenRecord, eigen_shard_name, read_eigenvalues
+from swiftsvd_cli.artifacts.eigen import (
+    INDEX,
+    EigenIndex,
+    EigenRecord,
+    eigen_shard_name,
+    eigen_tensor_specs,
+    eigen_tensors,
+    read_eigenvalues,
+)
 from swiftsvd_cli.artifacts.format import VersionMismatchError
 from swiftsvd_cli.artifacts.manifest import MANIFEST, CalibrationManifest
 from swiftsvd_cli.artifacts.provenance import make_provenance
-from swiftsvd_cli.core.linalg import Eigenbasis, group_eigenbases
+from swiftsvd_cli.core.linalg import Eigenbasis, group_eigenbases, output_gram_eigenbasis
+from swiftsvd_cli.engine.covariance import input_gram, output_gram
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.log import progress
-from swiftsvd_cli.model.architectures import ArchSpec, arch_for_type, decoder_layers, target_linears
-from swiftsvd_cli.model.loading import LoadedModel, load_model
+from swiftsvd_cli.model.architectures import ArchSpec, arch_for_type
+from swiftsvd_cli.model.streaming import StreamedModel, open_model
 
 logger = logging.getLogger("swiftsvd")
 LinAlgError: type[Exception] = torch.linalg.LinAlgError  # type: ignore[attr-defined]  # public, not in the stubs
@@ -51,6 +63,51 @@ def layer_cost(spec: ArchSpec, shapes: dict[str, tuple[int, int]]) -> float:
     return cost
 
 
+def layer_eigenbases(
+    streamed: StreamedModel, spec: ArchSpec, index: int, grams: Mapping[str, torch.Tensor], device: str
+) -> dict[str, torch.Tensor]:
+    """The eigen shard tensors of decoder layer `index`, from its covariance shard tensors and its weights."""
+    tensors: dict[str, torch.Tensor] = {}
+    for group, names in spec.groups.items():
+        weights = {name: streamed.tensor(f"{spec.layers}.{index}.{name}.weight") for name in names}
+        bases = _solved(partial(_group_eigenbases, weights, grams, group), device, f"layer {index} {group}")
+        for name, basis in bases.items():
+            tensors |= eigen_tensors(name, basis)
+    return tensors
+
+
+def _group_eigenbases(
+    weights: Mapping[str, torch.Tensor], grams: Mapping[str, torch.Tensor], group: str, device: str
+) -> dict[str, Eigenbasis]:
+    """One input group's eigenbases on `device`, from its input Gram or its modules' output Grams."""
+    if f"{group}.gram" in grams:
+        on_device = {name: W.to(device=device, dtype=torch.float64) for name, W in weights.items()}
+        return group_eigenbases(on_device, input_gram(grams, group).to(device))
+    return {
+        name: output_gram_eigenbasis(output_gram(grams, name).to(device), W.shape[1]) for name, W in weights.items()
+    }
+
+
+def _solved(solve: Callable[[str], dict[str, Eigenbasis]], device: str, where: str) -> dict[str, Eigenbasis]:
+    """`solve` on `device` (in SVD_PRECISION, float64); if eigh does not converge there, once more on the CPU.
+
+    GPU eigensolvers fail to converge on some ill-conditioned matrices that the CPU's LAPACK handles; a
+    failure on the CPU too means the Gram itself is broken, which is the user's to know.
+    """
+    try:
+        return solve(device)
+    except LinAlgError as error:
+        first = str(error).splitlines()[0]
+        logger.warning("%s: eigh did not converge on %s (%s); recomputing in float64 on the CPU", where, device, first)
+    try:
+        return solve("cpu")
+    except LinAlgError as error:
+        raise SwiftSVDError(
+            f"{where}: the eigendecomposition did not converge on {device} nor in float64 on the CPU "
+            f"({str(error).splitlines()[0]}): recalibrate this WORK"
+        ) from error
+
+
 def _merged(index: EigenIndex, records: dict[int, EigenRecord]) -> EigenIndex:
     for layer, record in records.items():
         index = index.with_layer(layer, record)
@@ -62,7 +119,7 @@ def ensure_eigenbases(
     manifest: CalibrationManifest,
     index: EigenIndex,
     missing: list[int],
-    model: nn.Module,
+    streamed: StreamedModel,
     spec: ArchSpec,
     device: str,
 ) -> EigenIndex:
@@ -71,9 +128,11 @@ def ensure_eigenbases(
     Under several processes each layer has one owner (balanced by cost): the owner writes its shard, the main
     process the index once every owner is done. Every process returns the same complete index.
     """
-    layers = decoder_layers(model, spec)
     if index.fingerprint != manifest.model.fingerprint:
         index = EigenIndex(fingerprint=manifest.model.fingerprint, provenance=make_provenance())
+    per_layer = store.shard_bytes(eigen_tensor_specs(manifest.shapes, spec.modules, manifest.layers[0].tokens))
+    if distributed.is_main():
+        store.require_disk(work, len(missing) * per_layer, f"eigenbases of {len(missing)} layers")
     owner = distributed.owners([layer_cost(spec, manifest.shapes)] * len(missing), distributed.world_size())
     mine = [layer for layer, rank in zip(missing, owner, strict=True) if rank == distributed.rank()]
 
@@ -84,14 +143,7 @@ def ensure_eigenbases(
             for layer in mine:
                 gram_shard = manifest.layers[layer].shard
                 grams = store.read_shard(work, gram_shard, expect=manifest.gram_tensors(spec.groups))
-                linears = target_linears(layers[layer], spec)
-                tensors: dict[str, torch.Tensor] = {}
-                for group, names in spec.groups.items():
-                    weights = {name: linears[name].weight.detach() for name in names}
-                    bases = _eigenbases(weights, grams[f"{group}.gram"], device, f"layer {layer} {group}")
-                    for name, basis in bases.items():
-                        tensors[f"{name}.eigenvalues"] = basis.eigenvalues
-                        tensors[f"{name}.vectors"] = basis.vectors.to(torch.float32)
+                tensors = layer_eigenbases(streamed, spec, layer, grams, device)
                 shard = store.write_shard(work, eigen_shard_name(layer), tensors)
                 records[layer] = EigenRecord(shard=shard, gram_sha256=gram_shard.sha256)
                 if distributed.is_main():  # the main process's own layers are resumable at once
@@ -107,39 +159,20 @@ def ensure_eigenbases(
     return index
 
 
-def _eigenbases(weights: dict[str, torch.Tensor], G: torch.Tensor, device: str, where: str) -> dict[str, Eigenbasis]:
-    """`group_eigenbases` on `device`; if eigh does not converge there, once more in float64 on the CPU.
-
-    GPU eigensolvers fail to converge on some ill-conditioned matrices that the CPU's LAPACK handles; a
-    failure on the CPU too means the Gram itself is broken, which is the user's to know.
-    """
-    try:
-        return group_eigenbases({name: W.to(device) for name, W in weights.items()}, G.to(device))
-    except LinAlgError as error:
-        first = str(error).splitlines()[0]
-        logger.warning("%s: eigh did not converge on %s (%s); recomputing in float64 on the CPU", where, device, first)
-    try:
-        return group_eigenbases({name: W.cpu() for name, W in weights.items()}, G.cpu(), precision=torch.float64)
-    except LinAlgError as error:
+def open_matching_model(work: Path, manifest: CalibrationManifest, spec: str | None, device: str) -> StreamedModel:
+    """The calibrated model (float32 compute), refusing any other: a WORK from another model is silent garbage."""
+    streamed = open_model(spec or manifest.model.spec, revision=manifest.model.revision, dtype="float32", device=device)
+    if streamed.fingerprint != manifest.model.fingerprint:
         raise SwiftSVDError(
-            f"{where}: the eigendecomposition did not converge on {device} nor in float64 on the CPU "
-            f"({str(error).splitlines()[0]}): recalibrate this WORK"
-        ) from error
-
-
-def load_matching_model(work: Path, manifest: CalibrationManifest, spec: str | None, device: str) -> LoadedModel:
-    """The calibrated model, refusing any other (a WORK from another model is a silent-garbage risk)."""
-    loaded = load_model(spec or manifest.model.spec, revision=manifest.model.revision, dtype="float32", device=device)
-    if loaded.fingerprint != manifest.model.fingerprint:
-        raise SwiftSVDError(
-            f"model '{loaded.spec}' is not the one {work} was calibrated on "
+            f"model '{streamed.spec}' is not the one {work} was calibrated on "
             f"({manifest.model.model_id}): pass the right model or recalibrate"
         )
-    return loaded
+    return streamed
 
 
 def calibrated_spec(work: Path, manifest: CalibrationManifest) -> ArchSpec:
-    """The architecture of a WORK's model, once its manifest records a shape for exactly its target linears."""
+    """The architecture of a WORK's model, once its manifest records a shape and a Gram form for exactly its target
+    linears and input groups."""
     try:
         spec = arch_for_type(manifest.model.model_type)
     except SwiftSVDError as error:
@@ -149,13 +182,21 @@ def calibrated_spec(work: Path, manifest: CalibrationManifest) -> ArchSpec:
             f"{work / MANIFEST} records shapes of {sorted(manifest.shapes)}, not of the {manifest.model.model_type} "
             f"target linears {sorted(spec.modules)}: {manifest.REMEDY}"
         )
+    if set(manifest.grams) != set(spec.groups):
+        raise SwiftSVDError(
+            f"{work / MANIFEST} records Gram forms of {sorted(manifest.grams)}, not of the "
+            f"{manifest.model.model_type} input groups {sorted(spec.groups)}: {manifest.REMEDY}"
+        )
     return spec
 
 
-def check_shapes(work: Path, manifest: CalibrationManifest, model: nn.Module, spec: ArchSpec) -> None:
+def check_shapes(work: Path, manifest: CalibrationManifest, streamed: StreamedModel, spec: ArchSpec) -> None:
     """Refuse a manifest whose recorded shapes are not the model's (plans and byte counts are sized by them)."""
-    linears = target_linears(decoder_layers(model, spec)[0], spec)
-    actual = {name: (linear.out_features, linear.in_features) for name, linear in linears.items()}
+    actual = {
+        name: tuple(streamed.weights.shape(streamed.stored.get(key, key)))
+        for name in spec.modules
+        for key in [f"{spec.layers}.0.{name}.weight"]
+    }
     if actual != manifest.shapes:
         raise SwiftSVDError(f"{work / MANIFEST} records target shapes that are not the model's: {manifest.REMEDY}")
 
@@ -169,11 +210,11 @@ class CalibratedSpectra:
     eigenvalues: dict[tuple[int, str], torch.Tensor]  # (layer, module) -> all eigenvalues of C
     shapes: dict[str, tuple[int, int]]  # module -> (m, n), the same in every layer
     computed: list[int]  # layers eigendecomposed by this call (the others were cached)
-    loaded: LoadedModel | None  # the model, when eigenbases had to be computed (None: not loaded at all)
+    streamed: StreamedModel | None  # the opened model, when eigenbases had to be computed (None: not opened)
 
 
 def load_spectra(work: Path, manifest: CalibrationManifest, model: str | None, device: str) -> CalibratedSpectra:
-    """Every spectrum of a WORK; the model is loaded only to eigendecompose layers that are not cached yet."""
+    """Every spectrum of a WORK; the model is opened only to eigendecompose layers that are not cached yet."""
     spec = calibrated_spec(work, manifest)
 
     def cached() -> tuple[EigenIndex, list[int]]:
@@ -182,10 +223,10 @@ def load_spectra(work: Path, manifest: CalibrationManifest, model: str | None, d
         return index, [layer for layer in range(manifest.model.num_layers) if layer not in valid]
 
     index, missing = distributed.main_decides(cached)  # one view of the cache, before any process writes to it
-    loaded = None
+    streamed = None
     if missing:
-        loaded = load_matching_model(work, manifest, model, device)
-        check_shapes(work, manifest, loaded.model, spec)
-        index = ensure_eigenbases(work, manifest, index, missing, loaded.model, spec, device)
+        streamed = open_matching_model(work, manifest, model, device)
+        check_shapes(work, manifest, streamed, spec)
+        index = ensure_eigenbases(work, manifest, index, missing, streamed, spec, device)
     eigenvalues = read_eigenvalues(work, index, manifest.shapes, spec.modules, verify=False)
-    return CalibratedSpectra(spec, index, eigenvalues, dict(manifest.shapes), missing, loaded)
+    return CalibratedSpectra(spec, index, eigenvalues, dict(manifest.shapes), missing, streamed)

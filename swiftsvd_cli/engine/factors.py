@@ -7,29 +7,31 @@ sensitivity-based rank search).
 `svd-llm`: SVD-LLM's Cholesky whitening as its released code runs it (Gram in float32, Cholesky + inverse
 in float64, SVD in float32; shifted when G is not positive definite).
 `svd-llm-fp64`: ours, not theirs: the same whitening in float64 throughout.
+SVD-LLM needs every input Gram, so it runs only on a WORK calibrated with `--keep-input-grams`.
 Ranks always come from a plan, so methods differ only in the factorisation: a uniform plan gives SVD-LLM its
-paper's ranks ("SVD-LLM (W)"), a dynamic one gives every method Swift-SVD's Algorithm 2 ranks.
+paper's ranks ("SVD-LLM (W)"), a dynamic one gives every method Swift-SVD's Algorithm 2 ranks. Every method's
+factors are nested (the rank-k factors are the first k columns of A and rows of B of any higher rank), so one
+factorisation at the largest rank serves every lower one.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from swiftsvd_cli.artifacts import store
-from swiftsvd_cli.artifacts.eigen import EigenIndex, eigen_tensors
+from swiftsvd_cli.artifacts.eigen import EigenIndex, eigen_tensor_specs, eigenvectors
 from swiftsvd_cli.artifacts.manifest import CalibrationManifest
 from swiftsvd_cli.config import Method, choice
 from swiftsvd_cli.core.allocation import is_dense
 from swiftsvd_cli.core.baselines import FLOAT64, RELEASED, SVDLLMPrecisions, asvd_factors, svd_factors, svd_llm_factors
+from swiftsvd_cli.core.grams import unpack_upper
 from swiftsvd_cli.core.linalg import factorize
 from swiftsvd_cli.errors import SwiftSVDError
-from swiftsvd_cli.model.architectures import ArchSpec, decoder_layers, target_linears
+from swiftsvd_cli.model.architectures import ArchSpec, target_linears
 from swiftsvd_cli.model.hf.lowrank import LowRankLinear, replace_module
 from swiftsvd_cli.model.quantize import quantize_module
 
@@ -40,13 +42,27 @@ token count), SVD-LLM the input Gram G itself. `swift` reads only the eigen shar
 SVD_LLM_PRECISIONS: dict[Method, SVDLLMPrecisions] = {Method.SVD_LLM: RELEASED, Method.SVD_LLM_FP64: FLOAT64}
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 RankMap = dict[tuple[int, str], int]  # (layer index, module path in the layer) -> rank
+RECALIBRATE = "recalibrate with --keep-input-grams (into a new --out, or with --force)"
+
+
+def require_statistics(method: str, work: Path, manifest: CalibrationManifest) -> Method:
+    """`method`, once it is known that `work` holds what it reads: SVD-LLM whitens with every input Gram, which a
+    WORK calibrated without --keep-input-grams replaced by output Grams where those are smaller."""
+    chosen = choice(Method, method)
+    outputs = [group for group, form in manifest.grams.items() if form == "output"]
+    if INPUT_STATISTIC.get(chosen) == "gram" and outputs:
+        raise SwiftSVDError(
+            f"method '{chosen}' needs input Grams, and {work} keeps output Grams for {', '.join(outputs)}: "
+            f"{RECALIBRATE}"
+        )
+    return chosen
 
 
 class FactorSource:
-    """Callable (layer index, linears, ranks) -> factors for one method over one WORK.
+    """Callable (layer index, weights, ranks) -> factors for one method over one WORK.
 
-    Each shard is hashed the first time this source reads it; later reads (the α search reconstructs every
-    layer once per candidate) only check its size.
+    Each shard is hashed the first time this source reads it; later reads only check its size. The shard read
+    last stays in memory, so a layer's modules can be factored one call at a time.
     """
 
     def __init__(
@@ -58,14 +74,18 @@ class FactorSource:
         spec: ArchSpec,
         device: str,
     ) -> None:
-        self.method = choice(Method, method)
+        self.method = require_statistics(method, work, manifest)
         self.work, self.manifest, self.eigen, self.spec, self.device = work, manifest, eigen, spec, device
         self._verified: set[str] = set()
+        self._last: tuple[str, dict[str, torch.Tensor]] = ("", {})  # the shard read last: one layer's worth
 
     def _read(self, shard: store.Shard, expect: dict[str, store.TensorSpec]) -> dict[str, torch.Tensor]:
-        tensors = store.read_shard(self.work, shard, verify=shard.file not in self._verified, expect=expect)
-        self._verified.add(shard.file)
-        return tensors
+        if self._last[0] != shard.file:
+            self._last = ("", {})  # free the previous layer's shard before reading the next
+            tensors = store.read_shard(self.work, shard, verify=shard.file not in self._verified, expect=expect)
+            self._verified.add(shard.file)
+            self._last = (shard.file, tensors)
+        return self._last[1]
 
     def _statistic(self, stats: dict[str, torch.Tensor], index: int, name: str) -> torch.Tensor:
         """The input statistic this baseline needs for module `name`, or an error saying what is missing."""
@@ -73,26 +93,30 @@ class FactorSource:
         if key not in stats:
             raise SwiftSVDError(
                 f"{self.work} has no '{key}' in layer {index}'s covariance shard, which method '{self.method}' "
-                "needs: recalibrate into a WORK that keeps the input statistics"
+                f"needs: {RECALIBRATE}"
             )
-        return stats[key].to(self.device)
+        value = unpack_upper(stats[key]) if INPUT_STATISTIC[self.method] == "gram" else stats[key]
+        return value.to(self.device)
 
-    def __call__(self, index: int, linears: dict[str, nn.Linear], ranks: dict[str, int]) -> Factors:
+    def __call__(self, index: int, weights: dict[str, torch.Tensor], ranks: dict[str, int]) -> Factors:
         """(A, B) for the modules of layer `index` listed in `ranks` (module path -> rank), in the method's
-        working precision (float64; float32 for `svd-llm`, whose SVD runs in float32)."""
+        working precision (float64; float32 for `svd-llm`, whose SVD runs in float32).
+
+        `weights` holds (at least) those modules' weights, in any dtype and on any device.
+        """
         if not ranks:
             return {}
         device = self.device
-        weights = {name: linears[name].weight.detach().to(device=device, dtype=torch.float64) for name in ranks}
+        weights = {name: weights[name].detach().to(device=device, dtype=torch.float64) for name in ranks}
         if self.method == Method.SWIFT:
             record = self.eigen.layers.get(index)
             if record is None or record.gram_sha256 != self.manifest.layers[index].shard.sha256:
                 raise SwiftSVDError(
                     f"{self.work} has no eigenbasis of layer {index}'s current Gram: rerun `swiftsvd allocate`"
                 )
-            bases = self._read(record.shard, eigen_tensors(self.manifest.shapes, self.spec.modules))
+            bases = self._read(record.shard, eigen_tensor_specs(self.manifest.shapes, self.spec.modules))
             return {
-                name: factorize(W, bases[f"{name}.vectors"].to(device=device, dtype=torch.float64), ranks[name])
+                name: factorize(W, eigenvectors(bases, name, W, ranks[name]), ranks[name])
                 for name, W in weights.items()
             }
         if self.method == Method.SVD:
@@ -126,23 +150,22 @@ def wanted_ranks(ranks: RankMap, index: int, linears: dict[str, nn.Linear]) -> d
     }
 
 
-def apply_factors(
-    model: nn.Module,
+def factor_layer(
+    layer: nn.Module,
+    index: int,
     spec: ArchSpec,
     ranks: RankMap,
-    factors_of: Callable[[int, dict[str, nn.Linear], dict[str, int]], Factors],
+    factors_of: FactorSource,
     *,
+    dtype: torch.dtype,
     merge: bool = False,
     factor_dtype: str | None = None,
-    on_layer: Callable[[], None] = lambda: None,
 ) -> None:
-    """Factor `model` in place, layer by layer, with `install_factors`."""
-    dtype = next(model.parameters()).dtype
-    for index, layer in enumerate(decoder_layers(model, spec)):
-        linears = target_linears(layer, spec)
-        factors = factors_of(index, linears, wanted_ranks(ranks, index, linears))
-        install_factors(layer, linears, factors, merge=merge, factor_dtype=factor_dtype, dtype=dtype)
-        on_layer()
+    """Factor decoder layer `index` in place with `install_factors`, its factors in `dtype`."""
+    linears = target_linears(layer, spec)
+    wanted = wanted_ranks(ranks, index, linears)
+    factors = factors_of(index, {name: linears[name].weight for name in wanted}, wanted)
+    install_factors(layer, linears, factors, merge=merge, factor_dtype=factor_dtype, dtype=dtype)
 
 
 def install_factors(
@@ -154,10 +177,11 @@ def install_factors(
     factor_dtype: str | None,
     dtype: torch.dtype,
 ) -> None:
-    """Put each (A, B) of `factors` in `layer`: a `LowRankLinear` (or, with `merge`, its dense A B in place).
+    """Put each (A, B) of `factors` in `layer`: a `LowRankLinear` in `dtype` (or, with `merge`, its dense A B
+    rounded to `dtype`, in place).
 
     With `factor_dtype` "int8" every linear of `linears` is then stored quantised: both factors of a factored
-    one, the weight of one left dense. Factors are quantised from float32, not from the model's `dtype`.
+    one, the weight of one left dense. Factors are quantised from float32, not from `dtype`.
     """
     build_dtype = torch.float32 if factor_dtype is not None else dtype
     for name, (A, B) in factors.items():
@@ -171,22 +195,3 @@ def install_factors(
     if factor_dtype is not None:
         for name in linears:
             replace_module(layer, name, quantize_module(layer.get_submodule(name), dtype))
-
-
-@contextmanager
-def reconstructed(model: nn.Module, spec: ArchSpec, ranks: RankMap, factors_of: FactorSource) -> Iterator[None]:
-    """Temporarily replace each factored weight by its dense rank-k reconstruction A B."""
-    saved: list[tuple[torch.Tensor, torch.Tensor]] = []  # (weight, its original values)
-    try:
-        for index, layer in enumerate(decoder_layers(model, spec)):
-            linears = target_linears(layer, spec)
-            for name, (A, B) in factors_of(index, linears, wanted_ranks(ranks, index, linears)).items():
-                weight = linears[name].weight
-                saved.append((weight, weight.detach().clone()))
-                with torch.no_grad():
-                    weight.copy_((A @ B).to(weight.dtype))
-        yield
-    finally:
-        with torch.no_grad():
-            for weight, original in saved:
-                weight.copy_(original)

@@ -68,6 +68,63 @@ def count_windows(n_tokens: int, seqlen: int) -> int:
     return n_tokens // seqlen
 
 
+def split_windows(input_ids: torch.Tensor, seqlen: int, limit: int | None = None) -> tuple[torch.Tensor, int]:
+    """The first `limit` (default: all) non-overlapping windows (windows, seqlen) of the ids, and the text's total."""
+    if limit is not None and limit < 1:
+        raise SwiftSVDError(f"--limit must be at least 1 (got {limit}).")
+    ids = input_ids.reshape(-1)
+    windows_total = count_windows(ids.numel(), seqlen)
+    if windows_total == 0:
+        raise SwiftSVDError(
+            f"The text has {ids.numel()} tokens, fewer than one window of --seqlen {seqlen}; "
+            "use a longer text or a smaller --seqlen."
+        )
+    windows = windows_total if limit is None else min(limit, windows_total)
+    return ids[: windows * seqlen].view(windows, seqlen), windows_total
+
+
+def window_nll(logits: torch.Tensor, batch: torch.Tensor, first_window: int) -> list[float]:
+    """Summed NLL (float64) of each window of `batch` (b, seqlen) predicting tokens 2..seqlen from `logits`.
+
+    A non-finite window is an error naming it (`first_window` is the batch's first window index).
+    """
+    import torch.nn.functional as F
+
+    seqlen = batch.shape[1]
+    # Upcast before log-softmax: bf16/fp16 log-probabilities lose digits the comparison needs.
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = batch[:, 1:].to(shift_logits.device)
+    token_nll = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), reduction="none"
+    ).view(batch.size(0), -1)  # (b, seqlen - 1)
+    values: list[float] = token_nll.double().sum(dim=1).cpu().tolist()
+    for offset, value in enumerate(values):
+        if not math.isfinite(value):
+            index = first_window + offset
+            raise SwiftSVDError(
+                f"Non-finite loss ({value}) in perplexity window {index} (tokens {index * seqlen}.."
+                f"{(index + 1) * seqlen - 1}); the model gives inf/NaN logits; try --dtype float32."
+            )
+    return values
+
+
+def perplexity_result(
+    nll_sum: float, windows: int, windows_total: int, text_tokens: int, seqlen: int
+) -> PerplexityResult:
+    """exp(mean NLL per predicted token) and the counts that audit it."""
+    predicted = windows * (seqlen - 1)
+    mean_nll = nll_sum / predicted
+    return PerplexityResult(
+        ppl=math.exp(mean_nll) if mean_nll < _MAX_EXP else math.inf,
+        nll=mean_nll,
+        predicted_tokens=predicted,
+        windows=windows,
+        windows_total=windows_total,
+        text_tokens=text_tokens,
+        seqlen=seqlen,
+    )
+
+
 def perplexity(
     model: Any,
     input_ids: torch.Tensor,
@@ -83,62 +140,21 @@ def perplexity(
     at once. `on_windows(k)` is called after each batch with the number of windows just finished.
     """
     import torch
-    import torch.nn.functional as F
 
     check_seqlen(model, seqlen)
     if batch_size < 1:
         raise SwiftSVDError(f"--batch-size must be at least 1 (got {batch_size}).")
-    if limit is not None and limit < 1:
-        raise SwiftSVDError(f"--limit must be at least 1 (got {limit}).")
-    ids = input_ids.reshape(-1)
-    windows_total = count_windows(ids.numel(), seqlen)
-    if windows_total == 0:
-        raise SwiftSVDError(
-            f"The text has {ids.numel()} tokens, fewer than one window of --seqlen {seqlen}; "
-            "use a longer text or a smaller --seqlen."
-        )
-    windows = windows_total if limit is None else min(limit, windows_total)
+    batches, windows_total = split_windows(input_ids, seqlen, limit)
     device = next(model.parameters()).device
-    batches = ids[: windows * seqlen].view(windows, seqlen)
-
     nll_sum = 0.0  # python float: float64 accumulation across windows
     with torch.inference_mode():
-        for start in range(0, windows, batch_size):
+        for start in range(0, batches.shape[0], batch_size):
             batch = batches[start : start + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits  # (b, seqlen, vocab)
-            # Upcast before log-softmax: bf16/fp16 log-probabilities lose digits the comparison needs.
-            shift_logits = logits[:, :-1, :].float()
-            shift_labels = batch[:, 1:]
-            token_nll = F.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), reduction="none"
-            ).view(batch.size(0), -1)  # (b, seqlen - 1)
-            window_nll = token_nll.double().sum(dim=1).cpu()
-            for offset, value in enumerate(window_nll.tolist()):
-                if not math.isfinite(value):
-                    index = start + offset
-                    raise SwiftSVDError(
-                        f"Non-finite loss ({value}) in perplexity window {index} (tokens {index * seqlen}.."
-                        f"{(index + 1) * seqlen - 1}); the model gives inf/NaN logits; try --dtype float32."
-                    )
-                nll_sum += value
+            nll_sum += sum(window_nll(logits, batch, start))
             if on_windows is not None:
                 on_windows(batch.size(0))
-
-    predicted = windows * (seqlen - 1)
-    mean_nll = nll_sum / predicted
-    return PerplexityResult(
-        ppl=_ppl(mean_nll),
-        nll=mean_nll,
-        predicted_tokens=predicted,
-        windows=windows,
-        windows_total=windows_total,
-        text_tokens=int(ids.numel()),
-        seqlen=seqlen,
-    )
-
-
-def _ppl(mean_nll: float) -> float:
-    return math.exp(mean_nll) if mean_nll < _MAX_EXP else math.inf
+    return perplexity_result(nll_sum, batches.shape[0], windows_total, int(input_ids.numel()), seqlen)
 
 
 def pooled(parts: list[PerplexityResult]) -> PerplexityResult:
@@ -148,14 +164,10 @@ def pooled(parts: list[PerplexityResult]) -> PerplexityResult:
     """
     if len(parts) == 1:
         return parts[0]
-    predicted = sum(part.predicted_tokens for part in parts)
-    mean_nll = math.fsum(part.nll * part.predicted_tokens for part in parts) / predicted
-    return PerplexityResult(
-        ppl=_ppl(mean_nll),
-        nll=mean_nll,
-        predicted_tokens=predicted,
-        windows=sum(part.windows for part in parts),
-        windows_total=sum(part.windows_total for part in parts),
-        text_tokens=sum(part.text_tokens for part in parts),
-        seqlen=parts[0].seqlen,
+    return perplexity_result(
+        math.fsum(part.nll * part.predicted_tokens for part in parts),
+        sum(part.windows for part in parts),
+        sum(part.windows_total for part in parts),
+        sum(part.text_tokens for part in parts),
+        parts[0].seqlen,
     )

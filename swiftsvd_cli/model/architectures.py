@@ -20,11 +20,18 @@ from swiftsvd_cli.errors import SwiftSVDError
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Where the decoder layers are and the target linears of one layer, grouped by shared input."""
+    """Where the decoder layers are and the target linears of one layer, grouped by shared input.
+
+    `embeddings`, `final_norm` and `head` are what a layer-by-layer pass needs around the layers: what runs
+    before layer 0 and, for perplexity, logits = head(final_norm(h)) after the last one.
+    """
 
     layers: str
     groups: Mapping[str, tuple[str, ...]]
     kv: tuple[str, str]  # the key and value projections: their latents are what `--kv-cache latent` stores
+    embeddings: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    head: str = "lm_head"
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -96,3 +103,9 @@ def target_linears(layer: nn.Module, spec: ArchSpec) -> dict[str, nn.Linear]:
             raise SwiftSVDError(f"'{name}' is a {type(module).__name__}, not nn.Linear")
         found[name] = module
     return found
+
+
+def module_shapes(model: nn.Module, spec: ArchSpec) -> dict[str, tuple[int, int]]:
+    """module path in a layer -> (m, n), read from a model or its meta skeleton (the same in every layer)."""
+    linears = target_linears(decoder_layers(model, spec)[0], spec)
+    return {name: (linear.out_features, linear.in_features) for name, linear in linears.items()}

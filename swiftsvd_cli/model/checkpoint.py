@@ -1,9 +1,9 @@
-"""Compressed model directories: write one atomically, and load a factored one back (`load_compressed`).
+"""Compressed model directories: write one shard by shard, and load a factored one back (`load_compressed`).
 
 A factored directory is a Hugging Face model directory with a model_type of its own ("swiftsvd_llama", ...):
 `config.json` is the base model's config plus the `swiftsvd` section (swiftsvd_cli.artifacts.compressed) and an
-`auto_map` naming the modeling code copied next to the weights (swiftsvd_cli/model/hf); `model.safetensors`
-holds `<module>.A.weight` / `<module>.B.weight` for each factored linear and the untouched weights as they were;
+`auto_map` naming the modeling code copied next to the weights (swiftsvd_cli/model/hf); safetensors shards hold
+`<module>.A.weight` / `<module>.B.weight` for each factored linear and the untouched weights as they were;
 with `factor_dtype` "int8" in the section every target linear is an `Int8Linear` (`qweight` int8 codes + `scale`
 float32 per row): the factors' A and B, and the weight of each target linear left dense (`int8_dense`).
 Plain transformers loads it with `trust_remote_code=True` and refuses it without; `load_compressed` builds the
@@ -11,20 +11,25 @@ same classes from this package and never imports the code inside the directory. 
 plain dense checkpoint with the section in `swiftsvd.json`. With `kv_cache` "latent" in the section the
 attention caches the k/v latents instead of keys and values (swiftsvd_cli/model/hf/latent_kv.py, switched on by
 the shipped modeling code, so plain transformers does the same).
+Writing takes the tensors one at a time from an iterator and keeps at most one shard (`MAX_SHARD_BYTES`) in
+memory; floating-point tensors keep the checkpoint's dtype (a bfloat16 model compressed on a CPU is written in
+bfloat16).
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from swiftsvd_cli.artifacts.compressed import MERGED_FILE, SECTION, CompressedSection
 from swiftsvd_cli.artifacts.format import load_artifact
-from swiftsvd_cli.artifacts.store import make_temp_dir, no_space_error, read_json
+from swiftsvd_cli.artifacts.store import atomic_write_json, make_temp_dir, no_space_error, read_json
 from swiftsvd_cli.config import DTYPE
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.model.dtypes import checkpoint_dtype, resolve_dtype
@@ -32,8 +37,11 @@ from swiftsvd_cli.model.hf import SHIPPED, SOURCE
 from swiftsvd_cli.model.hf.configuration_swiftsvd import CONFIGS
 from swiftsvd_cli.model.hf.latent_kv import LatentKVError
 from swiftsvd_cli.model.hf.modeling_swiftsvd import MODELS
+from swiftsvd_cli.model.weights import INDEX
 
 _NOT_CONFIG = ("model_type", "auto_map", "architectures", "transformers_version")  # written per class, not copied
+MAX_SHARD_BYTES = 1 << 30
+"""Largest shard written (1 GiB): bounds the host memory of writing a checkpoint, whatever the model's size."""
 
 
 def factored_config(config: Any, section: CompressedSection) -> Any:
@@ -63,19 +71,83 @@ def write_model_code(directory: Path) -> None:
         shutil.copyfile(SOURCE / name, directory / name)
 
 
-def save_compressed(model: Any, tokenizer: Any, section: CompressedSection, out: Path) -> None:
-    """Write a compressed directory into a temp dir beside `out`, then swap it in: `out` is never half-written."""
+class ShardWriter:
+    """Safetensors shards of at most `max_bytes` (a larger tensor gets a shard of its own), then the index."""
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory, self.max_bytes = directory, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.parts: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        self.pending[name] = tensor.detach().to("cpu").contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        save_file(self.pending, str(self.directory / f"part-{len(self.parts):05d}.tmp"), metadata={"format": "pt"})
+        self.parts.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Write what is pending, give the shards their final names and write the index; the file names."""
+        if self.pending or not self.parts:
+            self._flush()
+        count = len(self.parts)
+        names = (
+            ["model.safetensors"]
+            if count == 1
+            else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        )
+        for index, name in enumerate(names):
+            (self.directory / f"part-{index:05d}.tmp").rename(self.directory / name)
+        if count > 1:
+            weight_map = {tensor: name for name, part in zip(names, self.parts, strict=True) for tensor in part}
+            atomic_write_json(
+                self.directory / INDEX, {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            )
+        return names
+
+
+def write_compressed(
+    out: Path,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    config: Any,
+    tokenizer: Any,
+    section: Callable[[], CompressedSection],
+    source_dir: Path | None,
+    size: int,
+) -> None:
+    """Build the directory in a temp folder beside `out` (tensors streamed into shards), then swap it in.
+
+    `out` is never half-written. `config` is the base model's config (with the written dtype); `source_dir` is
+    the original model's directory: its `generation_config.json` is kept when it has one. `size` (bytes, about)
+    is what a full disk is reported to have needed. `section` is called once every tensor is written, so it can
+    record what writing them measured (the compensation's numbers).
+    """
     tmp = make_temp_dir(out.parent, out.name)
-    size = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
     try:
         with no_space_error(out, size):
-            model.save_pretrained(tmp)
+            writer = ShardWriter(tmp, MAX_SHARD_BYTES)
+            for name, tensor in tensors:
+                writer.add(name, tensor)
+            writer.close()
             tokenizer.save_pretrained(tmp)
-            if section.merged:
-                section.save(tmp / MERGED_FILE)
+            record = section()
+            if record.merged:
+                config.save_pretrained(tmp)
+                record.save(tmp / MERGED_FILE)
             else:
-                factored_config(model.config, section).save_pretrained(tmp)  # replaces the base config.json
+                factored_config(config, record).save_pretrained(tmp)
                 write_model_code(tmp)
+            generation = None if source_dir is None else source_dir / "generation_config.json"
+            if generation is not None and generation.is_file():
+                shutil.copyfile(generation, tmp / generation.name)
         if out.exists():  # only reached with --force: two renames, then the slow delete, so no kill loses both
             replaced = tmp.with_name(f"{tmp.name}.replaced")  # not a temp name: never swept as stale
             out.rename(replaced)
@@ -100,7 +172,9 @@ def is_factored(directory: Path) -> bool:
 def load_compressed(path: str | Path, dtype: str = DTYPE, device: str = "cpu") -> tuple[Any, Any]:
     """(model, tokenizer) of a factored directory: a working transformers model with the true smaller size.
 
-    Directories of the previous format (the base model_type, no modeling code) load the same way.
+    transformers builds the factored classes (the same ones plain transformers runs) and fills them from the
+    memory-mapped safetensors shards. Directories of the previous format (the base model_type, no modeling code)
+    load the same way.
     """
     from transformers import AutoTokenizer
 

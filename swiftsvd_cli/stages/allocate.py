@@ -8,6 +8,7 @@ validation perplexity meets a target (`--target-ppl`, by bisection, each step a 
 The validation text is the `validation` split of `--val-data` (default: of the calibration data), never the
 `test` split `eval` reports on; the plan records it (source, split, windows, tokens, SHA-256) so that `eval`
 can flag a perplexity text that α or the ratio was chosen on.
+Plans are scored one decoder layer at a time read from the checkpoint (engine.scoring): all α candidates together.
 """
 
 from __future__ import annotations
@@ -57,13 +58,15 @@ from swiftsvd_cli.core.allocation import (
 from swiftsvd_cli.core.linalg import uniform_rank
 from swiftsvd_cli.core.search import max_steps, smallest_ratio
 from swiftsvd_cli.data.text import TextSource, load_text, spread_windows, tokenize
-from swiftsvd_cli.engine.eigen import CalibratedSpectra, load_matching_model, load_spectra
-from swiftsvd_cli.engine.factors import FactorSource, RankMap, reconstructed
+from swiftsvd_cli.engine.eigen import CalibratedSpectra, load_spectra, open_matching_model
+from swiftsvd_cli.engine.factors import FactorSource, RankMap, require_statistics
+from swiftsvd_cli.engine.scoring import candidate_perplexities
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.log import progress
-from swiftsvd_cli.metrics.perplexity import perplexity, pooled
+from swiftsvd_cli.metrics.perplexity import pooled
 from swiftsvd_cli.model.architectures import ArchSpec
-from swiftsvd_cli.model.loading import LoadedModel, resolve_device
+from swiftsvd_cli.model.loading import resolve_device
+from swiftsvd_cli.model.streaming import StreamedModel
 
 logger = logging.getLogger("swiftsvd")
 
@@ -182,6 +185,7 @@ def _allocate(options: AllocateOptions, strategy: Strategy, factor_dtype: Factor
     start = time.perf_counter()
     work = options.work
     manifest = load_complete_manifest(work)
+    require_statistics(options.method, work, manifest)  # before any eigendecomposition
     if distributed.is_main():  # under the WORK lock: the temps of dead writers only, by one process
         remove_stale_temps(work.rglob(".*"))
     name = options.name or options.default_name
@@ -272,37 +276,50 @@ def plan_bytes(ranks: RankMap, shapes: dict[str, tuple[int, int]], factor_dtype:
 
 @dataclass(frozen=True)
 class Validator:
-    """Scores a rank plan by the validation perplexity of the densely reconstructed model (W' = A B in place).
+    """Scores rank plans by the validation perplexity of the densely reconstructed model (W' = A B in place).
 
     One validation text serves every choice a plan makes (the α grid, the --target-ppl ratio search), and
-    `record` is what the plan (and, through it, the compressed directory) says about it.
+    `record` is what the plan (and, through it, the compressed directory) says about it. The model is streamed
+    (engine.scoring): several plans scored together read each decoder layer once.
     """
 
-    loaded: LoadedModel
+    streamed: StreamedModel
     spec: ArchSpec
     factors: FactorSource
     windows: torch.Tensor  # (k, seqlen) validation windows
     record: dict[str, Any]
+    device: str
 
-    def ppl(self, ranks: RankMap) -> float:
-        """Under several processes each scores its share of the windows; their NLL sums are pooled."""
+    def ppls(self, plans: list[RankMap]) -> list[float]:
+        """Under several processes each scores its share of the windows; their NLL sums are pooled per plan."""
         seqlen = self.windows.shape[1]
         share = torch.stack(distributed.my_share(list(self.windows), "validation windows")).reshape(-1)
-        with reconstructed(self.loaded.model, self.spec, ranks, self.factors):
-            parts = distributed.everyone(
-                lambda: perplexity(self.loaded.model, share, seqlen=seqlen, batch_size=BATCH_SIZE)
+        parts = distributed.everyone(
+            lambda: candidate_perplexities(
+                self.streamed,
+                self.spec,
+                share,
+                seqlen=seqlen,
+                plans=plans,
+                factors=self.factors,
+                device=self.device,
+                batch_size=BATCH_SIZE,
             )
-        return pooled(parts).ppl
+        )
+        return [pooled([part[c] for part in parts]).ppl for c in range(len(plans))]
+
+    def ppl(self, ranks: RankMap) -> float:
+        return self.ppls([ranks])[0]
 
 
 def validator(
     options: AllocateOptions, manifest: CalibrationManifest, calibrated: CalibratedSpectra, device: str
 ) -> Validator:
     """`--val-samples` windows evenly spaced over the validation split, never the test split `eval` reports on."""
-    loaded = calibrated.loaded or load_matching_model(options.work, manifest, options.model, device)
+    streamed = calibrated.streamed or open_matching_model(options.work, manifest, options.model, device)
     seqlen = options.val_seqlen or manifest.settings.seqlen
     source = validation_text(options.val_data, manifest)
-    windows = spread_windows(tokenize(loaded.tokenizer, source.text), seqlen, options.val_samples)
+    windows = spread_windows(tokenize(streamed.tokenizer, source.text), seqlen, options.val_samples)
     record = {
         "data": options.val_data or manifest.settings.data,
         "split": "validation",
@@ -316,21 +333,23 @@ def validator(
         "note": "non-overlapping windows evenly spaced over the whole validation text",
     }
     factors = FactorSource(options.method, options.work, manifest, calibrated.index, calibrated.spec, device)
-    return Validator(loaded, calibrated.spec, factors, windows, record)
+    return Validator(streamed, calibrated.spec, factors, windows, record, device)
 
 
 def search_alpha(
     plan_for: Callable[[float], RankMap], shapes: dict[str, tuple[int, int]], scorer: Validator
 ) -> tuple[float, list[dict[str, float]]]:
-    """The paper's lightweight grid search: each α's plan scored by validation perplexity; best wins."""
-    candidates: list[dict[str, float]] = []
-    with progress() as bar:
-        task = bar.add_task("alpha search", total=len(ALPHA_GRID))
-        for alpha in ALPHA_GRID:
-            ranks = plan_for(alpha)
-            ratio = achieved_ratio((*shapes[module], k) for (_, module), k in ranks.items())
-            candidates.append({"alpha": alpha, "val_ppl": scorer.ppl(ranks), "achieved_ratio": ratio})
-            bar.advance(task)
+    """The paper's lightweight grid search: each α's plan scored by validation perplexity (all in one pass over
+    the layers); best wins."""
+    plans = [plan_for(alpha) for alpha in ALPHA_GRID]
+    candidates = [
+        {
+            "alpha": alpha,
+            "val_ppl": ppl,
+            "achieved_ratio": achieved_ratio((*shapes[module], k) for (_, module), k in ranks.items()),
+        }
+        for alpha, ranks, ppl in zip(ALPHA_GRID, plans, scorer.ppls(plans), strict=True)
+    ]
     best = min(candidates, key=lambda c: (c["val_ppl"], c["alpha"]))
     logger.info("alpha search: best alpha %.1f (val ppl %.3f)", best["alpha"], best["val_ppl"])
     return float(best["alpha"]), candidates

@@ -1,9 +1,13 @@
-"""Stage 1: stream calibration windows layer by layer and write float64 input Grams per input group.
+"""Stage 1: stream calibration windows layer by layer and write float64 Grams per input group.
 
-Per decoder layer and input group (q/k/v share one, gate/up share one, o and down their own) we store
-`G = Σ x xᵀ`, the per-channel `Σ |x|` (ASVD's scaling), the token count, and the layer's importance
-`BI = mean(1 − cos(h_in, h_out))` (ShortGPT). Grams do not depend on the ratio, so one calibration serves
-every ratio, plan and method. A rerun verifies finished shards and recomputes only missing or broken ones.
+Per decoder layer and input group (q/k/v share one, gate/up share one, o and down their own) we store `G = Σ x xᵀ`
+or, where smaller, its consumers' `C = W G Wᵀ` (engine.covariance), the per-channel `Σ |x|` (ASVD's scaling), the
+token count, and the layer's importance `BI = mean(1 − cos(h_in, h_out))` (ShortGPT). Grams do not depend on the
+ratio, so one calibration serves every ratio, plan and method. Only the embeddings, then one decoder layer at a
+time (the next one read ahead in the background) are loaded from the checkpoint; shards are written in the
+background while the next layer runs. A rerun verifies finished shards and recomputes only missing or broken ones.
+Under several processes each takes a disjoint share of the windows; per layer the sums are all-reduced before
+the main process writes the shard and the manifest.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -24,14 +29,37 @@ from swiftsvd_cli.artifacts.format import VersionMismatchError, jsonable
 from swiftsvd_cli.artifacts.lock import work_lock
 from swiftsvd_cli.artifacts.manifest import MANIFEST, CalibrationManifest, CalibrationSettings, LayerRecord, ModelInfo
 from swiftsvd_cli.artifacts.provenance import make_provenance
-from swiftsvd_cli.config import BATCH_SIZE, DATA, SAMPLER, SAMPLES, SEED, SEQLEN, Sampler, choice
-from swiftsvd_cli.core.linalg import accumulate_gram, make_empty_gram
+from swiftsvd_cli.config import (
+    BATCH_SIZE,
+    DATA,
+    GRAM_PRODUCTS,
+    OFFLOAD,
+    SAMPLER,
+    SAMPLES,
+    SEED,
+    SEQLEN,
+    GramProducts,
+    Offload,
+    Sampler,
+    choice,
+)
+from swiftsvd_cli.core.grams import GramPrecision
 from swiftsvd_cli.data.text import load_text, sample_windows
+from swiftsvd_cli.engine.covariance import GramForm, LayerStats, auto_gram_precision, gram_forms, pack
+from swiftsvd_cli.engine.footprint import Footprint, calibration_footprint
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.log import progress
-from swiftsvd_cli.model.architectures import ArchSpec, arch_for, decoder_layers, target_linears
-from swiftsvd_cli.model.layerwise import LayerInputs, capture_first_layer_inputs, iterate_batches, layer_output
-from swiftsvd_cli.model.loading import LoadedModel, ModelSource
+from swiftsvd_cli.model.architectures import ArchSpec, arch_for, decoder_layers, module_shapes
+from swiftsvd_cli.model.dtypes import checkpoint_dtype, resolve_dtype
+from swiftsvd_cli.model.layerwise import (
+    HiddenStates,
+    LayerInputs,
+    capture_first_layer_inputs,
+    iterate_batches,
+    layer_output,
+)
+from swiftsvd_cli.model.loading import ModelSource, resolve, skeleton
+from swiftsvd_cli.model.streaming import StreamedModel
 
 logger = logging.getLogger("swiftsvd")
 DERIVED = ("eigen", "plans", "importance.json")  # artifacts computed from the Grams, invalid without them
@@ -47,8 +75,18 @@ class CalibrateOptions:
     seed: int = SEED
     sampler: Sampler = SAMPLER
     batch_size: int = BATCH_SIZE
+    gram_precision: GramProducts = GRAM_PRODUCTS
+    keep_input_grams: bool = False  # every input Gram, also where output Grams are smaller (SVD-LLM needs them)
+    offload_hidden: Offload = OFFLOAD
     force: bool = False
     skip_nonfinite: bool = False  # leave out windows whose activations overflow (recorded per layer) instead of failing
+
+    def precision(self) -> GramPrecision:
+        """The Gram product route: the one asked for, or per device for `auto` (engine.covariance)."""
+        chosen = choice(GramProducts, self.gram_precision)
+        if chosen == GramProducts.AUTO:
+            return auto_gram_precision(self.source.compute_device)
+        return "float64" if chosen == GramProducts.FLOAT64 else "float32"
 
 
 @dataclass(frozen=True)
@@ -56,6 +94,7 @@ class CalibrationResult:
     manifest: CalibrationManifest
     computed_layers: list[int]
     seconds: float
+    footprint: Footprint
 
     @property
     def disk_bytes(self) -> int:
@@ -66,15 +105,56 @@ def shard_name(index: int) -> str:
     return f"covariance/layer_{index:03d}.safetensors"
 
 
-def model_info(loaded: LoadedModel, num_layers: int) -> ModelInfo:
+def model_info(streamed: StreamedModel, num_layers: int) -> ModelInfo:
     return ModelInfo(
-        spec=loaded.spec,
-        model_id=loaded.model_id,
-        revision=loaded.revision,
-        fingerprint=loaded.fingerprint,
-        model_type=loaded.model.config.model_type,
+        spec=streamed.spec,
+        model_id=streamed.model_id,
+        revision=streamed.revision,
+        fingerprint=streamed.fingerprint,
+        model_type=streamed.config.model_type,
         num_layers=num_layers,
     )
+
+
+def _check_options(options: CalibrateOptions) -> None:
+    if options.samples < 1 or options.seqlen < 2 or options.batch_size < 1:
+        raise SwiftSVDError("--samples, --batch-size must be >= 1 and --seqlen >= 2")
+    choice(Sampler, options.sampler)
+    choice(Offload, options.offload_hidden)
+    if options.work.exists() and not options.work.is_dir():
+        raise SwiftSVDError(f"--out {options.work} exists and is not a directory")
+    options.precision()  # an unknown --gram-precision fails here, before the model is read
+
+
+def _footprint(
+    model: nn.Module, spec: ArchSpec, options: CalibrateOptions, dtype: torch.dtype
+) -> tuple[Footprint, dict[str, GramForm]]:
+    shapes = module_shapes(model, spec)
+    forms = gram_forms(shapes, spec, options.keep_input_grams)
+    footprint = calibration_footprint(
+        model,
+        spec,
+        shapes,
+        forms,
+        samples=options.samples,
+        seqlen=options.seqlen,
+        batch_size=options.batch_size,
+        dtype=dtype,
+        device=options.source.compute_device,
+        precision=options.precision(),
+        offload=options.offload_hidden == Offload.DISK,
+    )
+    return footprint, forms
+
+
+def dry_run(options: CalibrateOptions) -> Footprint:
+    """What `run_calibrate` would need, from the model's config alone (no weights, no data read)."""
+    _check_options(options)
+    source = options.source
+    resolved = resolve(source.model, source.revision, source.trust_remote_code)
+    dtype = resolve_dtype(source.dtype, source.compute_device, checkpoint_dtype(resolved.config))
+    model = skeleton(resolved.config, dtype)
+    return _footprint(model, arch_for(model.config), options, dtype)[0]
 
 
 def _existing_manifest(work: Path, force: bool) -> CalibrationManifest | None:
@@ -120,53 +200,7 @@ def _check_compatible(
     return False
 
 
-class _GroupStats:
-    """Forward pre-hooks on one module per input group, accumulating G, Σ|x| and the token count.
-
-    A batch's inputs are held until its forward pass ends, then added only if every one is finite: a batch
-    that overflows (NaN or Inf anywhere in the layer) leaves no trace in any group's statistics.
-    """
-
-    def __init__(self, layer: nn.Module, spec: ArchSpec, device: torch.device | str) -> None:
-        linears = target_linears(layer, spec)
-        self.grams: dict[str, torch.Tensor] = {}
-        self.abs_sums: dict[str, torch.Tensor] = {}
-        self.pending: dict[str, torch.Tensor] = {}  # this batch's input per group, until `commit` or `discard`
-        self.tokens = 0
-        self.handles = []
-        for group, names in spec.groups.items():
-            n = linears[names[0]].in_features
-            self.grams[group] = make_empty_gram(n).to(device)
-            self.abs_sums[group] = torch.zeros(n, dtype=torch.float64, device=device)
-            self.handles.append(linears[names[0]].register_forward_pre_hook(self._hook(group)))
-
-    def _hook(self, group: str):  # type: ignore[no-untyped-def]
-        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            self.pending[group] = args[0].detach()
-
-        return hook
-
-    def finite(self) -> bool:
-        return all(bool(torch.isfinite(x).all()) for x in self.pending.values())
-
-    def commit(self) -> None:
-        for group, x in self.pending.items():
-            count = accumulate_gram(self.grams[group], x)
-            self.abs_sums[group] += x.reshape(-1, x.shape[-1]).abs().sum(0, dtype=torch.float64)
-            if group == next(iter(self.grams)):
-                self.tokens += count
-        self.pending.clear()
-
-    def remove(self) -> dict[str, torch.Tensor]:
-        for handle in self.handles:
-            handle.remove()
-        tensors = {f"{group}.gram": gram for group, gram in self.grams.items()}
-        tensors |= {f"{group}.abs_sum": value for group, value in self.abs_sums.items()}
-        tensors["tokens"] = torch.tensor(self.tokens, dtype=torch.int64)
-        return tensors
-
-
-def _importance_sum(h_in: torch.Tensor, h_out: torch.Tensor) -> float:
+def importance_sum(h_in: torch.Tensor, h_out: torch.Tensor) -> float:
     """Σ over tokens of 1 − cos(h_in, h_out), in float64 (ShortGPT's Block Influence before averaging)."""
     cos = torch.nn.functional.cosine_similarity(h_in.double(), h_out.double(), dim=-1)
     return float((1.0 - cos).sum())
@@ -175,27 +209,23 @@ def _importance_sum(h_in: torch.Tensor, h_out: torch.Tensor) -> float:
 @torch.no_grad()
 def run_calibrate(options: CalibrateOptions) -> CalibrationResult:
     """Compute (or resume) the per-layer Grams of `options.source` into `options.work`."""
-    if options.samples < 1 or options.seqlen < 2 or options.batch_size < 1:
-        raise SwiftSVDError("--samples, --batch-size must be >= 1 and --seqlen >= 2")
-    sampler = choice(Sampler, options.sampler)
-    work = options.work
-    if work.exists() and not work.is_dir():
-        raise SwiftSVDError(f"--out {work} exists and is not a directory")
-    work.mkdir(parents=True, exist_ok=True)
-    with work_lock(work):
-        return _calibrate(options, sampler)
+    _check_options(options)
+    options.work.mkdir(parents=True, exist_ok=True)
+    with work_lock(options.work):
+        return _calibrate(options, choice(Sampler, options.sampler))
 
 
 def _calibrate(options: CalibrateOptions, sampler: Sampler) -> CalibrationResult:
     work = options.work
-    # the main process reads (and with --force clears) WORK; fail on a corrupt one before the (slow) model load
+    # the main process reads (and with --force clears) WORK; fail on a corrupt one before the model is read
     old = distributed.main_decides(lambda: _existing_manifest(work, options.force))
     start = time.perf_counter()
     device = options.source.compute_device
-    loaded = options.source.load(keep_on_cpu=True)
-    spec = arch_for(loaded.model.config)
-    layers = decoder_layers(loaded.model, spec)
+    streamed = options.source.open()
+    spec = arch_for(streamed.config)
+    footprint, forms = _footprint(streamed.skeleton, spec, options, streamed.dtype)
     source = load_text(options.data, "train")
+    precision = options.precision()
     settings = CalibrationSettings(
         data=options.data,
         data_id=source.id,
@@ -203,13 +233,16 @@ def _calibrate(options: CalibrateOptions, sampler: Sampler) -> CalibrationResult
         samples=options.samples,
         seqlen=options.seqlen,
         seed=options.seed,
-        dtype=str(next(loaded.model.parameters()).dtype),
+        dtype=str(streamed.dtype),
+        gram_precision=precision,
+        keep_input_grams=options.keep_input_grams,
         sampler=str(sampler),
     )
-    info = model_info(loaded, len(layers))
-    windows = sample_windows(sampler, loaded.tokenizer, source.text, options.samples, options.seqlen, options.seed)
-    linears = target_linears(layers[0], spec)
-    widest = max(linear.in_features for linear in linears.values())
+    num_layers = len(decoder_layers(streamed.skeleton, spec))
+    info = model_info(streamed, num_layers)
+    windows = sample_windows(sampler, streamed.tokenizer, source.text, options.samples, options.seqlen, options.seed)
+    shapes = module_shapes(streamed.skeleton, spec)
+    widest = max(n for _, n in shapes.values())
     if windows.numel() < widest:
         logger.warning(
             "%d calibration tokens < input width %d: the Grams are rank-deficient (this still works)",
@@ -223,15 +256,21 @@ def _calibrate(options: CalibrateOptions, sampler: Sampler) -> CalibrationResult
         manifest = manifest or CalibrationManifest(
             model=info,
             settings=settings,
-            shapes={name: (linear.out_features, linear.in_features) for name, linear in linears.items()},
+            shapes=shapes,
             options=jsonable(options),
             provenance=make_provenance(model=info.fingerprint, data=settings.data_sha256),
+            grams=dict(forms),
+            device=_device_name(device),
         )
         missing = [
             i
-            for i in range(len(layers))
+            for i in range(num_layers)
             if i not in manifest.layers or not store.shard_is_valid(work, manifest.layers[i].shard)
         ]
+        logger.info("calibrate %s: %s", streamed.model_id, footprint.summary())
+        offloaded = footprint.hidden_bytes if footprint.offload else 0
+        needed = len(missing) * footprint.covariance_layer_bytes + offloaded
+        store.require_disk(work, needed if missing else 0, f"calibrating {len(missing)} layers")
         for index in missing:
             manifest = manifest.with_layer(index, None)  # its eigenbasis is invalid too: eigen/index.json has the Gram
         store.remove_stale_temps(work.rglob(".*"))  # a killed run's; under the WORK lock, so none is a live writer's
@@ -242,11 +281,15 @@ def _calibrate(options: CalibrateOptions, sampler: Sampler) -> CalibrationResult
     if missing:
         share = torch.stack(distributed.my_share(list(windows), "calibration windows"))  # disjoint, deterministic
         offset = sum(distributed.everyone(lambda: share.shape[0])[: distributed.rank()])  # shares are contiguous
-        manifest = _run_layers(loaded.model, layers, spec, share, options, device, manifest, missing, offset)
+        manifest = _run_layers(streamed, spec, share, options, manifest, missing, forms, precision, offset)
         manifest = distributed.main_decides(lambda: manifest)  # the one the main process wrote
     if distributed.is_main():
         store.atomic_write_json(work / "importance.json", manifest.importance())
-    return CalibrationResult(manifest, missing, time.perf_counter() - start)
+    return CalibrationResult(manifest, missing, time.perf_counter() - start, footprint)
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else device
 
 
 def _nonfinite(layer: int, samples: list[int], dtype: str, skip: bool) -> None:
@@ -262,7 +305,7 @@ def _nonfinite(layer: int, samples: list[int], dtype: str, skip: bool) -> None:
 def _layer_pass(
     index: int,
     layer: nn.Module,
-    stats: _GroupStats | None,
+    stats: LayerStats | None,
     inputs: LayerInputs,
     device: str,
     options: CalibrateOptions,
@@ -285,58 +328,79 @@ def _layer_pass(
             _nonfinite(index, samples, str(hidden.dtype), options.skip_nonfinite)
             newly += samples
             if stats is not None:
-                stats.pending.clear()
+                stats.discard()
             continue
         if stats is not None:
             stats.commit()
-        importance += _importance_sum(hidden, out)
-        inputs.hidden[batch] = out.cpu()
+        importance += importance_sum(hidden, out)
+        inputs.hidden[batch] = out
     return importance, newly
 
 
+class _Recorder:
+    """Writes layer shards and records them in the manifest, on one writer thread, one layer after another."""
+
+    def __init__(self, work: Path, manifest: CalibrationManifest) -> None:
+        self.work, self.manifest = work, manifest
+
+    def write(self, index: int, tensors: dict[str, torch.Tensor], importance: float, skipped: list[int]) -> None:
+        tokens = int(tensors["tokens"])
+        shard = store.write_shard(self.work, shard_name(index), tensors)
+        record = LayerRecord(shard=shard, tokens=tokens, importance=importance / tokens, skipped=skipped)
+        self.manifest = self.manifest.with_layer(index, record)
+        self.manifest.save_to(self.work)
+        logger.debug("layer %d: %d tokens, importance %.4f", index, tokens, importance / tokens)
+
+
 def _run_layers(
-    model: nn.Module,
-    layers: nn.ModuleList,
+    streamed: StreamedModel,
     spec: ArchSpec,
     windows: torch.Tensor,
     options: CalibrateOptions,
-    device: str,
     manifest: CalibrationManifest,
     missing: list[int],
+    forms: dict[str, GramForm],
+    precision: GramPrecision,
     offset: int,
 ) -> CalibrationManifest:
     """Push `windows` through layers 0..max(missing), accumulating statistics on the missing ones.
 
     Under several processes `windows` is this process's share (from window `offset` on): each checks its own
-    batches for NaN/Inf before anything is summed, the statistics (sums all) are summed over the processes before
-    the main process writes each layer's shard and the manifest, and a window skipped by any process is recorded.
+    batches for NaN/Inf before anything is summed, the sums are added over the processes before the main process
+    writes each layer's shard and the manifest, and a window skipped by any process is recorded.
     """
-    batch_size, work = options.batch_size, options.work
-    inputs = capture_first_layer_inputs(model, layers, windows, batch_size)
+    work, device = options.work, options.source.compute_device
+    layers = decoder_layers(streamed.skeleton, spec)
+    # named by host and pid: each process its own, and a killed run's is swept by the next (store.remove_stale_temps)
+    path = work / store.owned_temp_name("hidden-states") if options.offload_hidden == Offload.DISK else None
+    hidden = HiddenStates.for_windows(windows, options.batch_size, streamed.config.hidden_size, streamed.dtype, path)
+    recorder = _Recorder(work, manifest)
     skipped: list[int] = []  # windows left out from the layer where their activations stopped being finite
-    with progress() as bar:
-        task = bar.add_task("calibrating", total=max(missing) + 1)
-        for index in range(max(missing) + 1):
-            layer = layers[index].to(device)
-            stats = _GroupStats(layer, spec, device) if index in missing else None
-            passes = distributed.everyone(
-                partial(_layer_pass, index, layer, stats, inputs, device, options, offset, skipped)
-            )
-            importance = sum(part for part, _ in passes)  # summed over the processes' shares
-            skipped += sorted(sample for _, newly in passes for sample in newly)
-            layers[index].to("cpu")
-            if stats is not None:
-                tensors = distributed.sum_over_processes(stats.remove())
-                tokens = int(tensors["tokens"])
-                if tokens == 0:
-                    raise SwiftSVDError(f"layer {index}: every calibration window was skipped (NaN or Inf)")
-                if distributed.is_main():
-                    shard = store.write_shard(work, shard_name(index), tensors)
-                    record = LayerRecord(
-                        shard=shard, tokens=tokens, importance=importance / tokens, skipped=list(skipped)
+    writes: list[Future[None]] = []
+    with ThreadPoolExecutor(max_workers=1) as writer, progress() as bar:
+        try:
+            with streamed.loaded(spec.embeddings, "cpu"):
+                inputs = capture_first_layer_inputs(streamed.skeleton, layers, windows, hidden, "cpu")
+            task = bar.add_task("calibrating", total=max(missing) + 1)
+            for index in range(max(missing) + 1):
+                with streamed.loaded(f"{spec.layers}.{index}", device) as layer:
+                    if index + 1 <= max(missing):
+                        streamed.prefetch(f"{spec.layers}.{index + 1}")
+                    stats = LayerStats(layer, spec, forms, precision, device) if index in missing else None
+                    passes = distributed.everyone(
+                        partial(_layer_pass, index, layer, stats, inputs, device, options, offset, skipped)
                     )
-                    manifest = manifest.with_layer(index, record)
-                    manifest.save_to(work)
-                logger.debug("layer %d: %d tokens, importance %.4f", index, tokens, importance / tokens)
-            bar.advance(task)
-    return manifest
+                    importance = sum(part for part, _ in passes)  # summed over the processes' shares
+                    skipped += sorted(sample for _, newly in passes for sample in newly)
+                    sums = distributed.sum_over_processes(stats.remove()) if stats is not None else None
+                if sums is not None:
+                    if int(sums["tokens"]) == 0:
+                        raise SwiftSVDError(f"layer {index}: every calibration window was skipped (NaN or Inf)")
+                    if distributed.is_main():
+                        writes.append(writer.submit(recorder.write, index, pack(sums), importance, list(skipped)))
+                bar.advance(task)
+            for write in writes:
+                write.result()
+        finally:
+            hidden.close()
+    return recorder.manifest

@@ -3,16 +3,26 @@
 Factors come from the cached eigenbases (one pass, ratio-independent), or with `compensate` from a layer-by-layer
 pass that fits each linear to the inputs the compressed layers before it produce (ratio-specific, computed here
 for this plan and recorded in the output directory, never stored in WORK).
+The checkpoint is streamed: tensors outside the decoder layers are copied as stored; each decoder layer is read
+from the original checkpoint, its planned linears factored (and, with int8 factors, quantised), and its tensors
+handed to the shard writer, so host memory holds one layer (with `compensate`: one layer, its compressed copy
+and the two hidden-state streams), its float64 factorisations and at most one shard. Floating-point weights are
+written in the dtype the original stored them in, whatever device computed them; int8 codes and their float32
+row scales as they are.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from swiftsvd_cli.artifacts.compressed import CompressedSection
 from swiftsvd_cli.artifacts.eigen import EigenIndex, read_eigenvalues
@@ -20,19 +30,21 @@ from swiftsvd_cli.artifacts.format import jsonable
 from swiftsvd_cli.artifacts.manifest import CalibrationSettings
 from swiftsvd_cli.artifacts.plan import ModulePlan, RankPlan, module_plan
 from swiftsvd_cli.artifacts.provenance import make_provenance
-from swiftsvd_cli.artifacts.store import remove_stale_temps, sha256_file
+from swiftsvd_cli.artifacts.store import remove_stale_temps, require_disk, sha256_file
 from swiftsvd_cli.config import BATCH_SIZE, KV_CACHE, METHOD, FactorDType, KVCache, Method, check_ratio, choice
 from swiftsvd_cli.core.allocation import achieved_ratio, kv_rank_cap
-from swiftsvd_cli.engine.compensate import CompensationResult, compensate, manifest_windows
+from swiftsvd_cli.engine.compensate import CompensationResult, Compensator, manifest_windows
 from swiftsvd_cli.engine.eigen import calibrated_spec, check_shapes, load_eigen_index
-from swiftsvd_cli.engine.factors import FactorSource, apply_factors, install_factors
+from swiftsvd_cli.engine.factors import FactorSource, RankMap, factor_layer, install_factors
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.log import progress
-from swiftsvd_cli.model.architectures import ArchSpec
-from swiftsvd_cli.model.checkpoint import save_compressed
+from swiftsvd_cli.model.architectures import ArchSpec, target_linears
+from swiftsvd_cli.model.checkpoint import write_compressed
 from swiftsvd_cli.model.hf.latent_kv import LatentKVError, check_latent_kv_support
+from swiftsvd_cli.model.hf.lowrank import replace_module
 from swiftsvd_cli.model.hf.qlinear import weight_count
 from swiftsvd_cli.model.loading import ModelSource
+from swiftsvd_cli.model.streaming import StreamedModel
 
 logger = logging.getLogger("swiftsvd")
 
@@ -134,6 +146,81 @@ def check_latent_plan(plan: RankPlan, spec: ArchSpec) -> None:
         )
 
 
+def _written_bytes(streamed: StreamedModel, spec: ArchSpec, plan: RankPlan, merge: bool) -> int:
+    """Bytes of the weights the checkpoint will hold, from shapes alone (an upper bound with int8 factors)."""
+    factored = {f"{spec.layers}.{p.layer}.{p.module}.weight": p.rank for p in plan.modules if not p.dense}
+    written = 0
+    for name in streamed.state_names():
+        shape = streamed.weights.shape(name)
+        numel = torch.Size(shape).numel()
+        kept = factored[name] * (shape[0] + shape[1]) if name in factored and not merge else numel
+        written += torch.empty(0, dtype=streamed.stored_dtype(name)).element_size() * kept
+    return written
+
+
+class _Counter:
+    """Weights before and after factoring (parameters plus int8 codes, as `weight_count` counts them)."""
+
+    def __init__(self, streamed: StreamedModel) -> None:
+        self.before = sum(torch.Size(streamed.weights.shape(name)).numel() for name in streamed.state_names())
+        self.after = self.before
+
+
+def _stored(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A factored layer's tensor as written: floats in the checkpoint's dtype, int8 codes and their float32 row
+    scales (`Int8Linear.scale`) as they are."""
+    if not tensor.is_floating_point() or name.rpartition(".")[2] == "scale":
+        return tensor
+    return tensor.to(dtype)
+
+
+def _compressed_tensors(
+    streamed: StreamedModel,
+    spec: ArchSpec,
+    ranks: RankMap,
+    factors: FactorSource | Compensator,
+    counter: _Counter,
+    *,
+    merge: bool,
+    factor_dtype: str | None,
+    num_layers: int,
+    device: str,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the output checkpoint, one decoder layer at a time: originals as stored, target linears
+    factored (A and B, or int8 codes and scales) in the checkpoint's dtype. With a `Compensator` each layer is
+    read onto the device and its compensated copy is written."""
+    prefix = f"{spec.layers}."
+    yield from ((name, streamed.tensor(name)) for name in streamed.state_names() if not name.startswith(prefix))
+    compensating = isinstance(factors, Compensator)
+    with progress() as bar:
+        task = bar.add_task("compensating" if compensating else "factorising", total=num_layers)
+        for index in range(num_layers):
+            path = f"{spec.layers}.{index}"
+            with streamed.loaded(path, device if compensating else "cpu") as layer:
+                if index + 1 < num_layers:
+                    streamed.prefetch(f"{spec.layers}.{index + 1}")
+                originals = target_linears(layer, spec)
+                dtype = streamed.stored_dtype(f"{path}.{next(iter(originals))}.weight")
+                if isinstance(factors, Compensator):
+                    written = factors.layer(index, layer)
+                else:
+                    written = layer
+                    factor_layer(
+                        written, index, spec, ranks, factors, dtype=dtype, merge=merge, factor_dtype=factor_dtype
+                    )
+                targets = tuple(f"{path}.{name}." for name in originals)
+                for name in streamed.state_names(path):
+                    if not name.startswith(targets):
+                        yield name, streamed.tensor(name)
+                for module, original in originals.items():
+                    factored = written.get_submodule(module)
+                    counter.after += weight_count(factored) - weight_count(original)
+                    for key, tensor in factored.state_dict().items():
+                        yield f"{path}.{module}.{key}", _stored(key, tensor.detach(), dtype)
+                    replace_module(layer, module, original)  # the skeleton's own linear again, freed on exit
+            bar.advance(task)
+
+
 def run_compress(options: CompressOptions) -> CompressResult:
     """Factor every planned linear of `options.source` and save the result to `options.out`."""
     check_output(options.out, options.force)
@@ -148,76 +235,83 @@ def run_compress(options: CompressOptions) -> CompressResult:
     factor_dtype = resolve_factor_dtype(options.factor_dtype, plan, options.merge)
     work = Path(plan.work)
     manifest = plan.calibration(options.plan)
-    spec = calibrated_spec(work, manifest)  # a broken manifest fails before the (slow) model load
+    spec = calibrated_spec(work, manifest)  # a broken manifest fails before the model is read
     index = load_eigen_index(work, manifest)
     if kv_cache == KVCache.LATENT:
         if options.kv_ratio is not None:
             plan = with_kv_ratio(plan, spec, options.kv_ratio, work, index, manifest.shapes)
         check_latent_plan(plan, spec)
     device = options.source.compute_device
-    loaded = options.source.load(keep_on_cpu=options.compensate)  # compensation moves one layer at a time
-    if loaded.fingerprint != plan.model.fingerprint:
+    factors = FactorSource(method, work, manifest, index, spec, device)  # refuses a WORK lacking what method reads
+    streamed = options.source.open()
+    if streamed.fingerprint != plan.model.fingerprint:
         raise SwiftSVDError(
             f"plan {options.plan} was made for another model ({plan.model.model_id}), not '{options.source.model}'"
         )
-    model = loaded.model
     if kv_cache == KVCache.LATENT:
         try:
-            check_latent_kv_support(model)
+            check_latent_kv_support(streamed.skeleton)
         except LatentKVError as error:
             raise SwiftSVDError(str(error)) from None
-    check_shapes(work, manifest, model, spec)
-    before = weight_count(model)
-    compensation: CompensationResult | None = None
+    check_shapes(work, manifest, streamed, spec)
+    size = _written_bytes(streamed, spec, plan, options.merge)
+    require_disk(options.out.parent, size, f"the compressed checkpoint {options.out}")
+    compensator: Compensator | None = None
     if options.compensate:
-        dtype = next(model.parameters()).dtype
-        install = partial(install_factors, merge=options.merge, factor_dtype=factor_dtype, dtype=dtype)
+        install = partial(install_factors, merge=options.merge, factor_dtype=factor_dtype, dtype=streamed.dtype)
         planned = {(p.layer, p.module): p.rank for p in plan.modules if not p.dense}
-        windows = manifest_windows(manifest, loaded.tokenizer)
-        compensation = compensate(model, spec, windows, planned, BATCH_SIZE, device, install)
-    else:
-        factors = FactorSource(method, work, manifest, index, spec, device)
-        with progress() as bar:
-            task = bar.add_task("factorising", total=manifest.model.num_layers)
-            apply_factors(
-                model,
-                spec,
-                plan.rank_map(),
-                factors,
-                merge=options.merge,
-                factor_dtype=factor_dtype,
-                on_layer=lambda: bar.advance(task),
-            )
-    section = CompressedSection(
-        method=str(method),
-        merged=options.merge,
-        strategy=plan.strategy,
-        alpha=plan.alpha,
-        target_ratio=plan.target_ratio,
-        achieved_ratio=plan.achieved_ratio,
-        ranks=plan.ranks(spec.layers),
-        plan=str(options.plan.resolve()),
-        base_model=plan.model.model_id,
-        base_fingerprint=plan.model.fingerprint,
-        options=jsonable(options),
-        allocation=plan.options,
-        calibration=jsonable(manifest.settings),
-        validation=plan.validation,
-        provenance=make_provenance(plan=sha256_file(options.plan), model=loaded.fingerprint),
+        windows = manifest_windows(manifest, streamed.tokenizer)
+        compensator = Compensator(streamed, spec, windows, planned, BATCH_SIZE, device, install)
+    config = copy.deepcopy(streamed.config)
+    config.dtype = str(streamed.stored_dtype(f"{spec.layers}.0.{spec.modules[0]}.weight")).removeprefix("torch.")
+    counter = _Counter(streamed)
+    tensors = _compressed_tensors(
+        streamed,
+        spec,
+        plan.rank_map(),
+        compensator or factors,
+        counter,
+        merge=options.merge,
         factor_dtype=None if factor_dtype is None else str(factor_dtype),
-        int8_dense=[f"{spec.layers}.{p.layer}.{p.module}" for p in plan.modules if p.dense]
-        if factor_dtype == FactorDType.INT8
-        else [],
-        compensation=None if compensation is None else compensation_record(compensation, manifest.settings),
-        kv_cache=str(kv_cache),
-        kv_ratio=options.kv_ratio,
+        num_layers=manifest.model.num_layers,
+        device=device,
     )
-    save_compressed(model, loaded.tokenizer, section, options.out)
+
+    def section() -> CompressedSection:
+        """The record of what was written, once every tensor is (the compensation's numbers are known then)."""
+        compensation = None if compensator is None else compensator.result()
+        return CompressedSection(
+            method=str(method),
+            merged=options.merge,
+            strategy=plan.strategy,
+            alpha=plan.alpha,
+            target_ratio=plan.target_ratio,
+            achieved_ratio=plan.achieved_ratio,
+            ranks=plan.ranks(spec.layers),
+            plan=str(options.plan.resolve()),
+            base_model=plan.model.model_id,
+            base_fingerprint=plan.model.fingerprint,
+            options=jsonable(options),
+            allocation=plan.options,
+            calibration=jsonable(manifest.settings),
+            validation=plan.validation,
+            provenance=make_provenance(plan=sha256_file(options.plan), model=streamed.fingerprint),
+            factor_dtype=None if factor_dtype is None else str(factor_dtype),
+            int8_dense=[f"{spec.layers}.{p.layer}.{p.module}" for p in plan.modules if p.dense]
+            if factor_dtype == FactorDType.INT8
+            else [],
+            compensation=None if compensation is None else compensation_record(compensation, manifest.settings),
+            kv_cache=str(kv_cache),
+            kv_ratio=options.kv_ratio,
+        )
+
+    write_compressed(options.out, tensors, config, streamed.tokenizer, section, streamed.location, size)
     seconds = {"compress": time.perf_counter() - start}
     kv = [p for p in plan.modules if p.module in spec.kv]
     kv_kept = sum(p.rank for p in kv) / sum(p.m for p in kv) if kv_cache == KVCache.LATENT else None
+    compensation = None if compensator is None else compensator.result()
     return CompressResult(
-        options.out, plan, work, before, weight_count(model), seconds, factor_dtype, compensation, kv_kept
+        options.out, plan, work, counter.before, counter.after, seconds, factor_dtype, compensation, kv_kept
     )
 
 

@@ -17,13 +17,16 @@ from typing import Any
 
 from swiftsvd_cli import distributed
 from swiftsvd_cli.artifacts.format import jsonable
+from swiftsvd_cli.artifacts.manifest import CalibrationManifest
 from swiftsvd_cli.artifacts.plan import RankPlan
+from swiftsvd_cli.artifacts.store import require_disk
 from swiftsvd_cli.config import (
     BATCH_SIZE,
     DATA,
     DELTA,
     KV_CACHE,
     METHOD,
+    OFFLOAD,
     SAMPLES,
     SEED,
     SEQLEN,
@@ -32,6 +35,7 @@ from swiftsvd_cli.config import (
     FactorDType,
     KVCache,
     Method,
+    Offload,
     Strategy,
 )
 from swiftsvd_cli.data.demo import cache_dir
@@ -39,7 +43,7 @@ from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.model.loading import DEMO, ModelSource
 from swiftsvd_cli.recipes import load_recipe
 from swiftsvd_cli.stages.allocate import AllocateOptions, check_target, run_allocate
-from swiftsvd_cli.stages.calibrate import CalibrateOptions, run_calibrate
+from swiftsvd_cli.stages.calibrate import CalibrateOptions, dry_run, run_calibrate
 from swiftsvd_cli.stages.compress import (
     CompressOptions,
     CompressResult,
@@ -74,6 +78,8 @@ class OneShotOptions:
     val_samples: int | None = None
     seed: int = SEED
     batch_size: int = BATCH_SIZE
+    keep_input_grams: bool = False
+    offload_hidden: Offload = OFFLOAD
     force: bool = False
     bytes_ratio: float | None = None  # instead of ratio: share of the 16-bit target-linear bytes kept
     factor_dtype: FactorDType | None = None  # int8: factors stored quantised
@@ -93,8 +99,14 @@ def model_defaults(model: str) -> dict[str, Any]:
 
 
 def default_work(model: str, data: str, samples: int, seqlen: int, seed: int) -> Path:
+    """A cache folder per model and settings; named with the calibration format, so a newer swiftsvd never
+    trips over (or deletes) a cache an older one left."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model.strip("/~.")) or "model"
-    return cache_dir() / "work" / f"{slug}-{Path(data).name}-{samples}x{seqlen}-seed{seed}"
+    return (
+        cache_dir()
+        / "work"
+        / f"{slug}-{Path(data).name}-{samples}x{seqlen}-seed{seed}-v{CalibrationManifest.FORMAT_VERSION}"
+    )
 
 
 PLAN_SETTINGS = (
@@ -139,18 +151,24 @@ def run_oneshot(options: OneShotOptions) -> CompressResult:
     seqlen = options.seqlen or defaults["seqlen"]
     work = options.work or default_work(model, data, samples, seqlen, options.seed)
     logger.info("WORK directory: %s", work)
-    calibration = run_calibrate(
-        CalibrateOptions(
-            source=options.source,
-            work=work,
-            data=data,
-            samples=samples,
-            seqlen=seqlen,
-            seed=options.seed,
-            batch_size=options.batch_size,
-            force=options.work is None,  # the default WORK is a cache: one of another format or settings is rebuilt
-        )
+    calibrate_options = CalibrateOptions(
+        source=options.source,
+        work=work,
+        data=data,
+        samples=samples,
+        seqlen=seqlen,
+        seed=options.seed,
+        batch_size=options.batch_size,
+        keep_input_grams=options.keep_input_grams,
+        offload_hidden=options.offload_hidden,
+        force=options.work is None,  # the default WORK is a cache: one of another format or settings is rebuilt
     )
+    footprint = dry_run(calibrate_options)
+    cached = sum(
+        file.stat().st_size for part in ("covariance", "eigen") for file in (work / part).glob("*.safetensors")
+    )
+    require_disk(work, footprint.covariance_bytes + footprint.eigen_bytes - cached, "calibration and eigenbases")
+    calibration = run_calibrate(calibrate_options)
     allocate = AllocateOptions(
         work=work,
         ratio=options.ratio,
