@@ -33,6 +33,7 @@ from swiftsvd_cli.stages.compress import CompressOptions, run_compress
 
 SAMPLES, SEQLEN, RATIO = 6, 32, "0.6"
 TOLERANCE = 1e-12  # float64 sums in another order
+GRAM_TOLERANCE = 1e-6  # CPU Grams take the float32-product route: each process sums its own chunks (core.grams)
 
 
 def free_port() -> int:
@@ -103,7 +104,7 @@ def test_two_processes_calibrate_the_single_process_grams(runs: dict[str, Path])
     got = load_file(runs["two"] / "covariance" / "layer_001.safetensors")
     assert set(got) == set(expected)
     for name, tensor in expected.items():
-        assert relative(got[name], tensor) <= TOLERANCE, name
+        assert relative(got[name], tensor) <= (GRAM_TOLERANCE if name.endswith("gram") else TOLERANCE), name
     assert not (runs["two"] / ".lock").exists()
 
 

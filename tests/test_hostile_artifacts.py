@@ -392,7 +392,7 @@ def tensor_damage(rng: random.Random, raw: bytes) -> Iterator[tuple[str, Callabl
     """(description, damage) pairs drawn with `rng`, each a function of the shard's tensors."""
 
     def pick(tensors: dict[str, torch.Tensor], floating: bool = False) -> str:
-        names = sorted(k for k, t in tensors.items() if t.is_floating_point() or not floating)
+        names = sorted(k for k, t in tensors.items() if (t.is_floating_point() and t.numel()) or not floating)
         return names[choice % len(names)]
 
     choice = rng.randrange(10**6)

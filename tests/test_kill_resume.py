@@ -43,16 +43,15 @@ def wrap(real):
         if name == "_atomic_write":  # mid-write: half of the temp file on disk, the target not yet replaced
             path, write, size = args
             return real(path, lambda tmp: (write(tmp), half(tmp), die()), size)
-        if name == "save_pretrained":  # mid-write of a checkpoint: half of its weights in the temp folder
+        if name == "save_file":  # mid-write of a checkpoint: half of a weight shard in the temp folder
             real(*args, **kwargs)
-            half(Path(args[1]) / "model.safetensors")
+            half(Path(args[1]))
         die()
     return wrapper
 
 import importlib
 target = importlib.import_module(module)
-owner = target.PreTrainedModel if name == "save_pretrained" else target
-setattr(owner, name, wrap(getattr(owner, name)))
+setattr(target, name, wrap(getattr(target, name)))
 from swiftsvd_cli.cli import app
 app(sys.argv[4:])
 """
@@ -68,17 +67,17 @@ POINTS: dict[str, list[tuple[tuple[str, str], int]]] = {  # stage -> (function w
     ],
     "allocate": [
         (("swiftsvd_cli.engine.eigen", "group_eigenbases"), 1),  # mid-layer 0 (attention inputs)
-        (("swiftsvd_cli.engine.eigen", "group_eigenbases"), 3),  # mid-layer 1
+        (("swiftsvd_cli.engine.eigen", "group_eigenbases"), 4),  # mid-layer 1 (3 input-Gram groups a layer)
         (WRITE, 1),  # layer 0's eigen shard
         (WRITE, 2),  # the eigen index
         (WRITE, 5),  # the plan
-        (("swiftsvd_cli.stages.allocate", "perplexity"), 2),  # mid-α-search
-        (("swiftsvd_cli.stages.allocate", "perplexity"), 9),
+        (("swiftsvd_cli.engine.scoring", "layer_output"), 2),  # mid-α-search (all candidates layer by layer)
+        (("swiftsvd_cli.engine.scoring", "layer_output"), 15),
     ],
     "compress": [
         (("swiftsvd_cli.engine.factors", "factorize"), 1),  # mid-layer 0
         (("swiftsvd_cli.engine.factors", "factorize"), 9),  # mid-layer 1
-        (("transformers", "save_pretrained"), 1),  # mid-checkpoint write
+        (("swiftsvd_cli.model.checkpoint", "save_file"), 1),  # mid-checkpoint write
     ],
 }
 QUICK = {"calibrate": 3, "allocate": 5, "compress": 2}  # one point per stage in the default run: the index
