@@ -54,7 +54,12 @@ DataOpt = Annotated[
 ]
 DtypeOpt = Annotated[DType, typer.Option(help="auto: float32 on CPU, the checkpoint's dtype on GPU.")]
 DeviceOpt = Annotated[
-    str | None, typer.Option(help="cpu, cuda, cuda:1, mps ... (default: cuda if available).", callback=_device)
+    str | None,
+    typer.Option(
+        help="cpu, cuda, cuda:1, mps ... (default: cuda if available); auto: the same, and in one process "
+        "(no launcher) the eigendecompositions spread over every visible GPU.",
+        callback=_device,
+    ),
 ]
 RevisionOpt = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of MODEL.")]
 RemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model's own Python code.")]

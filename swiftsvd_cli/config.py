@@ -127,7 +127,7 @@ EVAL_BATCH_SIZE = 1
 BENCH_PROMPT_LEN, BENCH_NEW_TOKENS, BENCH_BATCH_SIZE, BENCH_REPEATS = 128, 32, 1, 3
 """`eval --bench`: prompt tokens, greedy new tokens, sequences per call, timed repeats (the median is reported)."""
 
-DEVICE_PATTERN = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")
+DEVICE_PATTERN = re.compile(r"auto|(cpu|cuda|mps|xpu)(:\d+)?")
 
 
 def check_ratio(ratio: float) -> None:
@@ -137,9 +137,9 @@ def check_ratio(ratio: float) -> None:
 
 
 def check_device(device: str | None) -> str | None:
-    """`cpu`, `cuda`, `cuda:1`, `mps`, `xpu` (or None: cuda if available); anything else is a user error."""
+    """`cpu`, `cuda`, `cuda:1`, `mps`, `xpu`, `auto` (or None: cuda if available); anything else is a user error."""
     if device is not None and not DEVICE_PATTERN.fullmatch(device):
-        raise SwiftSVDError(f"unknown device '{device}': use cpu, cuda, cuda:N, mps or xpu")
+        raise SwiftSVDError(f"unknown device '{device}': use cpu, cuda, cuda:N, mps, xpu or auto")
     return device
 
 

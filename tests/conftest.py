@@ -43,12 +43,13 @@ TINY_SHAPE: dict[str, int] = dict(
 
 
 def build_tiny_model(family: str, vocab_size: int, seed: int = 0, **overrides: object) -> torch.nn.Module:
-    """A 2-layer random model of `family` (a `model_type` in ARCHITECTURES), with GQA (4 heads, 2 KV heads)."""
+    """A 2-layer random model of `family` (a `model_type` in ARCHITECTURES), with GQA (4 heads, 2 KV heads);
+    `overrides` change any config field (e.g. num_hidden_layers)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, max_position_embeddings=256, tie_word_embeddings=False, **TINY_SHAPE)
-    config = AutoConfig.for_model(family, **common, **overrides)
+    config = AutoConfig.for_model(family, **(common | overrides))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()
     return model

@@ -10,7 +10,9 @@ group's weights in float64, never the model. Under several processes each missin
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -121,38 +123,64 @@ def ensure_eigenbases(
     missing: list[int],
     streamed: StreamedModel,
     spec: ArchSpec,
-    device: str,
+    devices: Sequence[str],
 ) -> EigenIndex:
     """Compute the eigen shards of the `missing` layers into `index`; return the updated index.
 
     Under several processes each layer has one owner (balanced by cost): the owner writes its shard, the main
-    process the index once every owner is done. Every process returns the same complete index.
+    process the index once every owner is done. Every process returns the same complete index. Within a process,
+    several `devices` (`--device auto` on a multi-GPU machine) share its layers the same way, one thread each:
+    eigh runs on the GPU without the interpreter lock, so the GPUs work at once.
     """
     if index.fingerprint != manifest.model.fingerprint:
         index = EigenIndex(fingerprint=manifest.model.fingerprint, provenance=make_provenance())
     per_layer = store.shard_bytes(eigen_tensor_specs(manifest.shapes, spec.modules, manifest.layers[0].tokens))
     if distributed.is_main():
         store.require_disk(work, len(missing) * per_layer, f"eigenbases of {len(missing)} layers")
-    owner = distributed.owners([layer_cost(spec, manifest.shapes)] * len(missing), distributed.world_size())
+    cost = layer_cost(spec, manifest.shapes)
+    owner = distributed.owners([cost] * len(missing), distributed.world_size())
     mine = [layer for layer, rank in zip(missing, owner, strict=True) if rank == distributed.rank()]
+    on_device = distributed.owners([cost] * len(mine), len(devices))
+    shares = [[layer for layer, d in zip(mine, on_device, strict=True) if d == i] for i in range(len(devices))]
+    records: dict[int, EigenRecord] = {}
+    recording = threading.Lock()
+    stop = threading.Event()  # a failure on one device stops the others after their current layer
 
-    def compute() -> dict[int, EigenRecord]:
-        records: dict[int, EigenRecord] = {}
-        with progress() as bar:
-            task = bar.add_task("eigendecompositions", total=len(mine))
-            for layer in mine:
-                gram_shard = manifest.layers[layer].shard
-                grams = store.read_shard(work, gram_shard, expect=manifest.gram_tensors(spec.groups))
-                tensors = layer_eigenbases(streamed, spec, layer, grams, device)
-                shard = store.write_shard(work, eigen_shard_name(layer), tensors)
+    def solve(device: str, layers: list[int], advance: Callable[[], None]) -> None:
+        for layer in layers:
+            if stop.is_set():
+                return
+            gram_shard = manifest.layers[layer].shard
+            grams = store.read_shard(work, gram_shard, expect=manifest.gram_tensors(spec.groups))
+            shard = store.write_shard(
+                work, eigen_shard_name(layer), layer_eigenbases(streamed, spec, layer, grams, device)
+            )
+            with recording:
                 records[layer] = EigenRecord(shard=shard, gram_sha256=gram_shard.sha256)
                 if distributed.is_main():  # the main process's own layers are resumable at once
                     _merged(index, records).save(work / INDEX)
-                bar.advance(task)
+            advance()
+
+    def compute() -> dict[int, EigenRecord]:
+        with progress() as bar:
+            task = bar.add_task("eigendecompositions", total=len(mine))
+            advance = partial(bar.advance, task)
+            if len(devices) == 1:
+                solve(devices[0], mine, advance)
+                return records
+            with ThreadPoolExecutor(len(devices), thread_name_prefix="eigen") as pool:
+                running = [
+                    pool.submit(solve, device, share, advance) for device, share in zip(devices, shares, strict=True)
+                ]
+                try:
+                    for done in as_completed(running):
+                        done.result()
+                finally:
+                    stop.set()
         return records
 
-    for records in distributed.everyone(compute):
-        index = _merged(index, records)
+    for found in distributed.everyone(compute):
+        index = _merged(index, found)
     if distributed.is_main():
         index.save(work / INDEX)
     distributed.barrier()  # the index is on disk before any process reads it
@@ -213,8 +241,11 @@ class CalibratedSpectra:
     streamed: StreamedModel | None  # the opened model, when eigenbases had to be computed (None: not opened)
 
 
-def load_spectra(work: Path, manifest: CalibrationManifest, model: str | None, device: str) -> CalibratedSpectra:
-    """Every spectrum of a WORK; the model is opened only to eigendecompose layers that are not cached yet."""
+def load_spectra(
+    work: Path, manifest: CalibrationManifest, model: str | None, device: str, eigen_devices: Sequence[str] = ()
+) -> CalibratedSpectra:
+    """Every spectrum of a WORK; the model is opened (on `device`) only to eigendecompose layers that are not
+    cached yet, on `eigen_devices` (default: `device`)."""
     spec = calibrated_spec(work, manifest)
 
     def cached() -> tuple[EigenIndex, list[int]]:
@@ -227,6 +258,6 @@ def load_spectra(work: Path, manifest: CalibrationManifest, model: str | None, d
     if missing:
         streamed = open_matching_model(work, manifest, model, device)
         check_shapes(work, manifest, streamed, spec)
-        index = ensure_eigenbases(work, manifest, index, missing, streamed, spec, device)
+        index = ensure_eigenbases(work, manifest, index, missing, streamed, spec, eigen_devices or [device])
     eigenvalues = read_eigenvalues(work, index, manifest.shapes, spec.modules, verify=False)
     return CalibratedSpectra(spec, index, eigenvalues, dict(manifest.shapes), missing, streamed)

@@ -36,11 +36,24 @@ FINGERPRINT_ROWS = 8
 
 
 def resolve_device(device: str | None) -> str:
-    """The device a stage computes on: the one asked for (checked), else cuda when available.
+    """The device a stage computes on: the one asked for (checked), else (None or `auto`) cuda when available.
 
     Under a launcher, bare `cuda` is this process's own GPU (`cuda:LOCAL_RANK`).
     """
-    return distributed.local_device(check_device(device) or ("cuda" if torch.cuda.is_available() else "cpu"))
+    asked = check_device(device)
+    return distributed.local_device(
+        asked if asked not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+
+
+def eigen_devices(device: str | None) -> list[str]:
+    """Where eigendecompositions run: with `auto` in one process (no launcher), every visible GPU, each given a
+    share of the layers balanced by cost; otherwise the compute device alone (a launcher's processes each own one
+    GPU and share the layers between them instead)."""
+    resolved = resolve_device(device)
+    if device == "auto" and distributed.world_size() == 1 and resolved == "cuda" and torch.cuda.device_count() > 1:
+        return [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    return [resolved]
 
 
 def fingerprint(config: Any, weights: WeightSource, names: Iterable[str]) -> str:

@@ -65,7 +65,7 @@ from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.log import progress
 from swiftsvd_cli.metrics.perplexity import pooled
 from swiftsvd_cli.model.architectures import ArchSpec
-from swiftsvd_cli.model.loading import resolve_device
+from swiftsvd_cli.model.loading import eigen_devices, resolve_device
 from swiftsvd_cli.model.streaming import StreamedModel
 
 logger = logging.getLogger("swiftsvd")
@@ -192,7 +192,7 @@ def _allocate(options: AllocateOptions, strategy: Strategy, factor_dtype: Factor
     path = work / "plans" / f"{name}.json"
     distributed.main_decides(lambda: check_new_plan(path, options.force))
     device = resolve_device(options.device)
-    calibrated = load_spectra(work, manifest, options.model, device)
+    calibrated = load_spectra(work, manifest, options.model, device, eigen_devices(options.device))
     spec, spectra, shapes = calibrated.spec, calibrated.eigenvalues, calibrated.shapes
     importance = manifest.importance()
     layer_shapes = [shapes[module] for (_, module) in spectra]

@@ -32,7 +32,7 @@ from swiftsvd_cli.figures import (
     spectrum_layers,
     spectrum_modules,
 )
-from swiftsvd_cli.model.loading import resolve_device
+from swiftsvd_cli.model.loading import eigen_devices, resolve_device
 
 logger = logging.getLogger("swiftsvd")
 REPORT_RATIOS = (0.8, 0.6, 0.4)
@@ -160,7 +160,8 @@ def run_report(options: ReportOptions) -> ReportResult:
     if plan is not None and plan.model.fingerprint != manifest.model.fingerprint:
         raise SwiftSVDError(f"plan {options.plan} belongs to another model than {options.work}")
     with work_lock(options.work):  # may write missing eigenbases into WORK
-        calibrated = load_spectra(options.work, manifest, options.model, resolve_device(options.device))
+        devices = eigen_devices(options.device)
+        calibrated = load_spectra(options.work, manifest, options.model, resolve_device(options.device), devices)
     spectra, shapes = calibrated.eigenvalues, calibrated.shapes
     importance = manifest.importance()
     out = options.out
