@@ -33,6 +33,10 @@ app = typer.Typer(
 F = TypeVar("F", bound=Callable[..., Any])
 ONE_SHOT = "One shot (--ratio, --bytes-ratio or --target-ppl)"  # help panel of one-shot options, refused with --plan
 DEMO_DEFAULT = "demo: configs/demo.yaml's"
+SKIP_NONFINITE_HELP = (
+    "Leave out calibration windows whose activations overflow (NaN/Inf) instead of stopping; the WORK's manifest "
+    "lists them per layer."
+)
 
 
 def _device(value: str | None) -> str | None:
@@ -265,14 +269,7 @@ def calibrate(
     revision: RevisionOpt = None,
     trust_remote_code: RemoteCodeOpt = False,
     force: ForceOpt = False,
-    skip_nonfinite: Annotated[
-        bool,
-        typer.Option(
-            "--skip-nonfinite",
-            help="Leave out calibration windows whose activations overflow (NaN/Inf) instead of stopping; the "
-            "manifest lists them per layer.",
-        ),
-    ] = False,
+    skip_nonfinite: Annotated[bool, typer.Option("--skip-nonfinite", help=SKIP_NONFINITE_HELP)] = False,
 ) -> None:
     """Accumulate float64 Grams per layer and input group, one layer at a time; resumes an interrupted run."""
     from swiftsvd_cli.model.loading import ModelSource
@@ -454,6 +451,9 @@ def compress(
     device: DeviceOpt = None,
     revision: RevisionOpt = None,
     trust_remote_code: RemoteCodeOpt = False,
+    skip_nonfinite: Annotated[
+        bool, typer.Option("--skip-nonfinite", help=SKIP_NONFINITE_HELP, rich_help_panel=ONE_SHOT)
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
 ) -> None:
     """Compress MODEL by a plan (--plan) or in one shot (--ratio / --bytes-ratio / --target-ppl), into a checkpoint."""
@@ -512,6 +512,7 @@ def compress(
             batch_size=batch_size,
             keep_input_grams=keep_input_grams,
             offload_hidden=offload_hidden,
+            skip_nonfinite=skip_nonfinite,
             force=force,
         )
     result = compress(options)

@@ -87,6 +87,32 @@ def test_an_overflowing_window_is_named_or_skipped_and_recorded(
     assert float((G - X.T @ X).norm() / (X.T @ X).norm()) < 1e-10
 
 
+def test_the_one_shot_refuses_or_skips_an_overflowing_window(
+    poisoned_token: tuple[Path, int], tiny_text_file: Path, tmp_path: Path
+) -> None:
+    """`compress --ratio` passes --skip-nonfinite to its calibration: refused without it (no OUT written),
+    compressed with it, the skipped window recorded in the WORK as by `calibrate --skip-nonfinite`. (Uniform
+    ranks: a validation window holding the poisoned token would make the α search's perplexity NaN.)"""
+    model_dir, window = poisoned_token
+    arguments = ["compress", str(model_dir), "--ratio", "0.6", "--data", str(tiny_text_file), "--samples"]
+    arguments += [str(SAMPLES), "--seqlen", str(SEQLEN), "--seed", str(SEED), "--batch-size", "1", "--device", "cpu"]
+    arguments += ["--strategy", "uniform", "--work", str(tmp_path / "work")]  # no α search: the model gives NaN
+    refused = CliRunner().invoke(app, [*arguments, "--out", str(tmp_path / "refused")])
+    assert refused.exit_code == 1 and isinstance(refused.exception, SystemExit), refused.output
+    assert f"NaN or Inf activations in calibration samples {window}..{window}" in refused.output
+    assert not (tmp_path / "refused").exists()
+
+    result = CliRunner().invoke(app, [*arguments, "--out", str(tmp_path / "out"), "--skip-nonfinite"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "config.json").is_file()
+    manifest = CalibrationManifest.load(tmp_path / "work")
+    assert [record.skipped for record in manifest.layers.values()] == [[window]] * manifest.model.num_layers
+    assert calibrate(model_dir, tiny_text_file, tmp_path / "alone", "--skip-nonfinite").exit_code == 0
+    alone = CalibrationManifest.load(tmp_path / "alone")
+    # the one shot's Grams are bit-identical to `calibrate --skip-nonfinite`'s
+    assert [r.shard.sha256 for r in manifest.layers.values()] == [r.shard.sha256 for r in alone.layers.values()]
+
+
 def test_two_processes_check_their_own_windows_and_record_every_skip(
     poisoned_token: tuple[Path, int], tiny_text_file: Path, tmp_path: Path
 ) -> None:

@@ -80,6 +80,7 @@ class OneShotOptions:
     batch_size: int = BATCH_SIZE
     keep_input_grams: bool = False
     offload_hidden: Offload = OFFLOAD
+    skip_nonfinite: bool = False  # calibration leaves out windows whose activations overflow (see CalibrateOptions)
     force: bool = False
     bytes_ratio: float | None = None  # instead of ratio: share of the 16-bit target-linear bytes kept
     factor_dtype: FactorDType | None = None  # int8: factors stored quantised
@@ -161,6 +162,7 @@ def run_oneshot(options: OneShotOptions) -> CompressResult:
         batch_size=options.batch_size,
         keep_input_grams=options.keep_input_grams,
         offload_hidden=options.offload_hidden,
+        skip_nonfinite=options.skip_nonfinite,
         force=options.work is None,  # the default WORK is a cache: one of another format or settings is rebuilt
     )
     footprint = dry_run(calibrate_options)
