@@ -47,12 +47,23 @@ ACCELERATE = ("accelerate.commands.launch", "--multi_gpu", "--num_processes", "2
 """`accelerate launch --multi_gpu`: with `--cpu` accelerate 1.15 starts one process; on CPU this is gloo."""
 
 
-def launch(launcher: tuple[str, ...], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """`python -m LAUNCHER -m swiftsvd_cli ARGS` with 2 processes, one thread each (torchrun's default)."""
+def launch(
+    launcher: tuple[str, ...],
+    *args: str,
+    check: bool = True,
+    program: tuple[str, ...] = ("-m", "swiftsvd_cli"),
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """`python -m LAUNCHER PROGRAM ARGS` with 2 processes, one thread each (torchrun's default), this checkout's
+    swiftsvd_cli first on the path (a PROGRAM script would otherwise import the installed one)."""
     extra = ("--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()))
-    command = [sys.executable, "-m", *launcher, *(extra if launcher == ACCELERATE else ()), "-m", "swiftsvd_cli"]
+    command = [sys.executable, "-m", *launcher, *(extra if launcher == ACCELERATE else ()), *program]
     result = subprocess.run(
-        [*command, *args], capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        [*command, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1]), **(env or {})},
     )
     assert result.returncode == 0 or not check, result.stdout[-2000:] + result.stderr[-4000:]
     return result

@@ -23,38 +23,7 @@ from typer.testing import CliRunner
 
 from swiftsvd_cli.cli import app
 
-KILLER = """
-import os, signal, sys
-from pathlib import Path
-module, name, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-calls = [0]
-
-def die() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
-
-def half(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-def wrap(real):
-    def wrapper(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] != n:
-            return real(*args, **kwargs)
-        if name == "_atomic_write":  # mid-write: half of the temp file on disk, the target not yet replaced
-            path, write, size = args
-            return real(path, lambda tmp: (write(tmp), half(tmp), die()), size)
-        if name == "save_file":  # mid-write of a checkpoint: half of a weight shard in the temp folder
-            real(*args, **kwargs)
-            half(Path(args[1]))
-        die()
-    return wrapper
-
-import importlib
-target = importlib.import_module(module)
-setattr(target, name, wrap(getattr(target, name)))
-from swiftsvd_cli.cli import app
-app(sys.argv[4:])
-"""
+KILLER = Path(__file__).with_name("killer.py")
 WRITE = ("swiftsvd_cli.artifacts.store", "_atomic_write")
 POINTS: dict[str, list[tuple[tuple[str, str], int]]] = {  # stage -> (function whose n-th call kills, n)
     "calibrate": [
@@ -152,7 +121,7 @@ def kill_and_resume(
     steps = commands(root, text)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     killed = subprocess.run(
-        [sys.executable, "-c", KILLER, *point, str(n), *steps[stage]], env=env, capture_output=True, timeout=300
+        [sys.executable, str(KILLER), *point, str(n), *steps[stage]], env=env, capture_output=True, timeout=300
     )
     assert killed.returncode == -signal.SIGKILL, (stage, point, n, killed.stderr[-2000:])
     runner = CliRunner()
@@ -182,6 +151,31 @@ def test_every_kill_point_resumes_to_identical_artifacts(
     for index, (point, n) in enumerate(POINTS[stage]):
         if index != QUICK[stage]:
             kill_and_resume(reference, tiny_text_file, stage, point, n)
+
+
+def test_a_rank_killed_mid_layer_stops_the_launch_and_the_next_resumes_to_identical_artifacts(
+    tiny_llama_dir: Path, tiny_text_file: Path, tmp_path: Path
+) -> None:
+    """Under torchrun (2 processes, gloo), rank 1 is SIGKILLed in layer 1 while rank 0 runs on: the launch ends
+    (no hang, non-zero exit), and a second launch on the same WORK resumes to the WORK of an uninterrupted
+    launch, byte for byte, with no temp file or lock left."""
+    from tests.test_distributed import TORCHRUN, launch
+
+    root = tmp_path / "root"
+    arguments = ["calibrate", str(tiny_llama_dir), "--out", str(root / "work"), "--data", str(tiny_text_file)]
+    arguments += ["--samples", "4", "--seqlen", "32", "--batch-size", "1", "--device", "cpu"]
+    launch(TORCHRUN, *arguments)
+    expected = artifacts(root)
+    shutil.rmtree(root)
+    point = ("swiftsvd_cli.stages.calibrate", "layer_output", "3")  # rank 1's windows: 2 per layer, 1 per batch
+    killed = launch(TORCHRUN, *arguments, check=False, program=(str(KILLER), *point), env={"KILL_RANK": "1"})
+    assert killed.returncode != 0, killed.stdout[-2000:] + killed.stderr[-2000:]
+    assert "Signals.SIGKILL" in killed.stderr or "exitcode  : -9" in killed.stderr, killed.stderr[-4000:]
+    launch(TORCHRUN, *arguments)
+    assert not [p for p in root.rglob(".*")], "temp files or the lock survived the resumed launch"
+    resumed = artifacts(root)
+    assert resumed.keys() == expected.keys()
+    assert [name for name in expected if resumed[name] != expected[name]] == []
 
 
 def test_only_temps_of_dead_writers_of_this_host_are_removed(tmp_path: Path) -> None:
