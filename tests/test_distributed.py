@@ -119,6 +119,27 @@ def test_two_processes_calibrate_the_single_process_grams(runs: dict[str, Path])
     assert not (runs["two"] / ".lock").exists()
 
 
+def test_with_float64_products_two_processes_give_the_one_process_grams_to_1e_12(
+    trained_llama_dir: Path, tiny_text_file: Path, tmp_path: Path
+) -> None:
+    """With exact products (`--gram-precision float64`, the data-centre GPU default) only the order of the float64
+    sums differs between one process and two: every statistic agrees to 1e-12 relative."""
+    source = ModelSource(str(trained_llama_dir), device="cpu")
+    common = {"data": str(tiny_text_file), "samples": SAMPLES, "seqlen": SEQLEN}
+    run_calibrate(CalibrateOptions(source=source, work=tmp_path / "one", gram_precision="float64", **common))
+    launch(
+        TORCHRUN,
+        *("calibrate", str(trained_llama_dir), "--data", str(tiny_text_file), "--out", str(tmp_path / "two")),
+        *("--samples", str(SAMPLES), "--seqlen", str(SEQLEN), "--device", "cpu", "--gram-precision", "float64"),
+    )
+    for layer in ("layer_000", "layer_001"):
+        expected = load_file(tmp_path / "one" / "covariance" / f"{layer}.safetensors")
+        got = load_file(tmp_path / "two" / "covariance" / f"{layer}.safetensors")
+        assert set(got) == set(expected) and any(name.endswith("gram") for name in got)
+        for name, tensor in expected.items():
+            assert relative(got[name], tensor) <= TOLERANCE, (layer, name, relative(got[name], tensor))
+
+
 def test_two_processes_write_the_same_eigen_shards_and_plan(runs: dict[str, Path]) -> None:
     """Layers eigendecomposed by their owners are the single-process shards byte for byte; α and ranks agree."""
     for layer in ("layer_000", "layer_001"):
