@@ -43,7 +43,8 @@ def killing(real: Callable[..., Any], name: str, n: int) -> Callable[..., Any]:
 
 
 def main(module: str, name: str, n: str, *arguments: str) -> None:
-    if os.environ.get("KILL_RANK", os.environ.get("RANK", "0")) == os.environ.get("RANK", "0"):
+    rank = os.environ.get("RANK", "0")
+    if os.environ.get("KILL_RANK", rank) == rank:
         target = importlib.import_module(module)
         setattr(target, name, killing(getattr(target, name), name, int(n)))
     from swiftsvd_cli.cli import app

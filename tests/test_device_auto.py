@@ -7,6 +7,7 @@ device, each layer decomposed once, the layers split between the devices by cost
 
 from __future__ import annotations
 
+import shutil
 import threading
 from pathlib import Path
 
@@ -62,8 +63,6 @@ def eigen_shards(work: Path) -> dict[str, bytes]:
 
 
 def copy_of(work: Path, to: Path) -> Path:
-    import shutil
-
     shutil.copytree(work, to, ignore=shutil.ignore_patterns("eigen", "plans", ".lock"))
     return to
 

@@ -130,7 +130,7 @@ def ensure_eigenbases(
     Under several processes each layer has one owner (balanced by cost): the owner writes its shard, the main
     process the index once every owner is done. Every process returns the same complete index. Within a process,
     several `devices` (`--device auto` on a multi-GPU machine) share its layers the same way, one thread each:
-    eigh runs on the GPU without the interpreter lock, so the GPUs work at once.
+    eigh releases the interpreter lock, so the GPUs can work at once (not yet measured on GPUs).
     """
     if index.fingerprint != manifest.model.fingerprint:
         index = EigenIndex(fingerprint=manifest.model.fingerprint, provenance=make_provenance())
@@ -166,7 +166,7 @@ def ensure_eigenbases(
             task = bar.add_task("eigendecompositions", total=len(mine))
             advance = partial(bar.advance, task)
             if len(devices) == 1:
-                solve(devices[0], mine, advance)
+                solve(devices[0], shares[0], advance)
                 return records
             with ThreadPoolExecutor(len(devices), thread_name_prefix="eigen") as pool:
                 running = [
