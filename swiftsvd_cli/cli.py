@@ -387,10 +387,10 @@ def compress(
         typer.Option(
             "--compensate",
             help="Error-compensated factors: one more layer-by-layer pass over the calibration windows fits each "
-            "matrix to the inputs the already compressed layers produce (closed form, Swift-SVD factors only; "
-            "with int8 factors, to the int8 layers' inputs). Ratio-specific: computed for this plan, recorded in "
-            "the output directory, never cached in WORK. Experimental: on the demo it helped at ratio 0.6 and hurt "
-            "at 0.8 (README).",
+            "matrix to reproduce the original outputs both from the inputs the already compressed layers produce "
+            "and from the original inputs (closed form, Swift-SVD factors only; with int8 factors, to the int8 "
+            "layers' inputs). Ratio-specific: computed for this plan, recorded in the output directory, never "
+            "cached in WORK. Costs several calibration passes; demo results in the README.",
         ),
     ] = False,
     kv_cache: Annotated[

@@ -1,5 +1,6 @@
 """`compress --compensate` on a tiny model: every factor reaches the reduced-rank-regression minimum for the inputs
-the saved compressed model really feeds it, it beats the one-pass factors there, and WORK is left untouched.
+the saved compressed model really feeds it (and the original inputs, weighted by γ), it beats the one-pass factors
+there, and WORK is left untouched.
 
 The inputs X (original model) and X̂ (the compressed checkpoint, loaded back) are captured here with hooks on
 freshly drawn calibration windows, independently of the engine's layer-by-layer pass.
@@ -19,6 +20,7 @@ from typer.testing import CliRunner
 from swiftsvd_cli.artifacts.manifest import CalibrationManifest
 from swiftsvd_cli.artifacts.plan import RankPlan
 from swiftsvd_cli.cli import app
+from swiftsvd_cli.core.compensation import ORIGINAL_WEIGHT
 from swiftsvd_cli.data.text import calibration_windows, load_text, tokenize
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.model.architectures import LLAMA
@@ -72,6 +74,17 @@ def module_inputs(model: torch.nn.Module, windows: torch.Tensor, names: list[str
     return {name: torch.cat(chunks) for name, chunks in seen.items()}
 
 
+def objective(W_k: torch.Tensor, Y: torch.Tensor, X: torch.Tensor, X_hat: torch.Tensor) -> float:
+    """The compensated objective ‖Y − W' X̂‖² + γ ‖Y − W' X‖² (inputs as (N, n) rows)."""
+    return float(((Y - W_k @ X_hat.T) ** 2).sum() + ORIGINAL_WEIGHT * ((Y - W_k @ X.T) ** 2).sum())
+
+
+def stacked_minimum(Y: torch.Tensor, X: torch.Tensor, X_hat: torch.Tensor, k: int) -> float:
+    """Its brute-force minimum over rank k: the plain problem for inputs [X̂, √γ X] and targets [Y, √γ Y]."""
+    root = ORIGINAL_WEIGHT**0.5
+    return reference_minimum(torch.cat([Y, root * Y], dim=1), torch.cat([X_hat.T, root * X.T], dim=1), k)
+
+
 def test_factors_reach_the_minimum_on_the_compressed_paths_inputs(setup: dict[str, Path]) -> None:
     manifest = CalibrationManifest.load(setup["work"])
     original = AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32).eval()
@@ -94,12 +107,12 @@ def test_factors_reach_the_minimum_on_the_compressed_paths_inputs(setup: dict[st
         module, baseline = compensated.get_submodule(name), one_pass.get_submodule(name)
         assert isinstance(module, LowRankLinear) and isinstance(baseline, LowRankLinear)
 
-        def loss(factored: LowRankLinear, Y: torch.Tensor = Y, X_hat: torch.Tensor = X_hat[name]) -> float:
+        def loss(factored: LowRankLinear, Y: torch.Tensor = Y, name: str = name) -> float:
             W_k = factored.A.weight.detach().double() @ factored.B.weight.detach().double()
-            return float(((Y - W_k @ X_hat.T) ** 2).sum())
+            return objective(W_k, Y, X[name], X_hat[name])
 
         if name not in damped:  # a damped Ĝ is the ridge problem's optimum, not this one's
-            assert loss(module) == pytest.approx(reference_minimum(Y, X_hat[name].T, module.rank), rel=1e-4), name
+            assert loss(module) == pytest.approx(stacked_minimum(Y, X[name], X_hat[name], module.rank), rel=1e-4), name
         assert loss(module) <= loss(baseline) * (1 + 1e-4), name
         gains.append(loss(module) / loss(baseline))
     first_layer_qkv = [
@@ -152,7 +165,7 @@ def test_refusals(setup: dict[str, Path], tmp_path: Path) -> None:
 def test_int8_factors_are_fitted_to_the_int8_layers_inputs(setup: dict[str, Path], tmp_path: Path) -> None:
     """--compensate composes with --factor-dtype int8: every factor stored int8, and on the inputs the int8
     checkpoint really feeds each matrix its dequantised factors come within a few percent of the reduced-rank
-    minimum, below the one-pass int8 factors' (up to 1.2x and more above it)."""
+    minimum, below the one-pass int8 factors' (up to 1.1x and more above it)."""
     source = ModelSource(str(setup["model"]), "float32", "cpu")
     for name, compensate in (("int8", True), ("int8_one_pass", False)):
         run_compress(
@@ -175,12 +188,12 @@ def test_int8_factors_are_fitted_to_the_int8_layers_inputs(setup: dict[str, Path
         assert isinstance(module.A, Int8Linear) and isinstance(module.B, Int8Linear), name
         Y = original.get_submodule(name).weight.detach().double() @ X[name].T
 
-        def loss(factored: torch.nn.Module, Y: torch.Tensor = Y, X_hat: torch.Tensor = X_hat[name]) -> float:
+        def loss(factored: torch.nn.Module, Y: torch.Tensor = Y, name: str = name) -> float:
             W_k = factored.A.dequantize().double() @ factored.B.dequantize().double()
-            return float(((Y - W_k @ X_hat.T) ** 2).sum())
+            return objective(W_k, Y, X[name], X_hat[name])
 
-        minimum = reference_minimum(Y, X_hat[name].T, int(module.rank))
+        minimum = stacked_minimum(Y, X[name], X_hat[name], int(module.rank))
         ratios.append((loss(module) / minimum, loss(baseline) / minimum))
     assert all(mine <= 1.05 for mine, _ in ratios)  # the rest: int8 rounding of the factors (and damping)
     assert all(mine < theirs for mine, theirs in ratios[3:])  # after layer 0's q/k/v, where X̂ = X
-    assert max(theirs for _, theirs in ratios) > 1.2
+    assert max(theirs for _, theirs in ratios) > 1.1

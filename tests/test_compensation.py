@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from swiftsvd_cli.core.compensation import (
+    accumulate_compensation,
     accumulate_cross,
     accumulate_output_cross,
     compensated_factors,
@@ -86,6 +87,28 @@ def test_perturbed_inputs_reach_the_reduced_rank_regression_minimum(m: int, n: i
         swift = factorize(W, eigenbasis(W, X @ X.T, k).vectors, k)  # optimal for X, applied to X̂
         assert compensated <= loss(W, X, *swift, X_hat) * (1 + 1e-12)
         assert compensated < 0.99 * loss(W, X, *swift, X_hat)  # a real gain, not a tie
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 3.0])
+def test_weighted_original_inputs_reach_the_stacked_minimum(gamma: float) -> None:
+    """min ‖W X − W' X̂‖² + γ ‖W X − W' X‖² from the accumulated sums equals the brute-force minimum of the
+    stacked problem (inputs [X̂, √γ X], targets [W X, √γ W X]); the shared and the output-side cross terms agree."""
+    m, n = 12, 20
+    W, X, X_hat = problem(m, n, 300, 0.5, seed=7)
+    G_hat, H, T_out = make_empty_gram(n), torch.zeros(n, n, dtype=D), torch.zeros(m, n, dtype=D)
+    for x, x_hat in zip(X.T.chunk(3), X_hat.T.chunk(3), strict=True):
+        accumulate_compensation(G_hat, {"shared": H}, {}, x, x_hat, gamma)
+        accumulate_compensation(make_empty_gram(n), {"w": T_out}, {"w": W}, x, x_hat, gamma)
+    T = W @ H
+    assert float(torch.linalg.norm(T_out - T) / torch.linalg.norm(T)) < 1e-12
+    root = gamma**0.5
+    inputs, targets = torch.cat([X_hat, root * X], dim=1), torch.cat([W @ X, root * (W @ X)], dim=1)
+    for k in (1, 5, m - 1):
+        A, B = compensated_factors({"w": T}, symmetric_from_upper(G_hat), {"w": k}).factors["w"]
+        mixed = loss(W, X, A, B, X_hat) + gamma * loss(W, X, A, B, X)
+        assert mixed == pytest.approx(reference_minimum(targets, inputs, k), rel=1e-9)
+        swift = factorize(W, eigenbasis(W, X @ X.T, k).vectors, k)
+        assert mixed <= (loss(W, X, *swift, X_hat) + gamma * loss(W, X, *swift, X)) * (1 + 1e-12)
 
 
 def test_output_side_sum_equals_input_side() -> None:

@@ -2,10 +2,12 @@
 
 Layer by layer, and inside a layer input group by input group in execution order (q/k/v, o, gate/up, down),
 the calibration windows run through the original decoder layer and through its compressed copy side by side.
-For each group we sum, over tokens, Ĝ = X̂ X̂ᵀ and the cross term (H = X X̂ᵀ shared by the group, or per linear
-T = W X X̂ᵀ where the linears' outputs are narrower than their input: down_proj), solve the reduced-rank
-regression of `core.compensation` and install the factors in the copy before the next group runs, so every
-later input already sees them. The copy then replaces the layer and both hidden-state streams move on.
+For each group we sum, over tokens, Ĝ = X̂ X̂ᵀ + γ X Xᵀ and the cross term (H = X (X̂ + γ X)ᵀ shared by the
+group, or per linear T = W X (X̂ + γ X)ᵀ where the linears' outputs are narrower than their input: down_proj;
+γ weighs the original inputs so the factors do not overfit the calibration text, see `core.compensation`),
+solve the reduced-rank regression of `core.compensation` and install the factors in the copy before the next
+group runs, so every later input already sees them. The copy then replaces the layer and both hidden-state
+streams move on.
 
 Memory: one decoder layer (read from the checkpoint) and its copy on the device, the two streams of hidden states on
 the CPU (2x what calibration holds); never the whole model. The solve of the widest group holds Ĝ, its
@@ -14,7 +16,8 @@ Llama-2-7B (n = 11008, m = 4096) and 24 GB at Llama-2-70B (n = 28672, m = 8192);
 output side there (m n, not n²). The sums are plain sums over tokens: a data-parallel run all-reduces `GroupSums`
 before `solve`, nothing else changes.
 Time: per layer, each group's pass runs both layers only up to that group's input, plus one full pass of each
-to move the streams on; the extra float64 work is Ĝ and the cross term, about twice calibration's Gram.
+to move the streams on; the extra float64 work is Ĝ (two Grams) and the cross term, about three times
+calibration's Gram.
 Ratio-specific (it depends on the compressed prefix), so nothing here is written to the calibration cache.
 """
 
@@ -31,13 +34,8 @@ import torch
 from torch import nn
 
 from swiftsvd_cli.artifacts.manifest import CalibrationManifest
-from swiftsvd_cli.core.compensation import (
-    accumulate_cross,
-    accumulate_output_cross,
-    compensated_factors,
-    noise_floor,
-)
-from swiftsvd_cli.core.grams import accumulate_gram, make_empty_gram, symmetric_from_upper
+from swiftsvd_cli.core.compensation import ORIGINAL_WEIGHT, accumulate_compensation, compensated_factors, noise_floor
+from swiftsvd_cli.core.grams import make_empty_gram, symmetric_from_upper
 from swiftsvd_cli.core.linalg import SVD_PRECISION
 from swiftsvd_cli.data.text import calibration_windows, load_text, tokenize
 from swiftsvd_cli.engine.factors import Factors, RankMap
@@ -72,8 +70,8 @@ class CompensationResult:
 class GroupSums:
     """One input group's sums over tokens: what a data-parallel run would all-reduce before `solve`."""
 
-    G_hat: torch.Tensor  # (n, n) compressed-path Gram
-    cross: dict[str, torch.Tensor]  # {SHARED: H (n, n)} or {linear: T (m, n)}
+    G_hat: torch.Tensor  # (n, n) X̂ X̂ᵀ + γ X Xᵀ, the stacked inputs' Gram
+    cross: dict[str, torch.Tensor]  # {SHARED: H (n, n)} or {linear: T (m, n)}, with X̂ + γ X as X's partner
     tokens: int
 
 
@@ -134,12 +132,7 @@ def group_sums(
         hidden_hat = compressed.hidden[index].to(device)
         x = _input_of(layer, layer.get_submodule(reader), hidden, kwargs)  # same input for the whole group
         x_hat = _input_of(twin, twin.get_submodule(reader), hidden_hat, kwargs)
-        tokens += accumulate_gram(G_hat, x_hat)
-        for key, term in cross.items():
-            if key == SHARED:
-                accumulate_cross(term, x, x_hat)
-            else:
-                accumulate_output_cross(term, W[key], x, x_hat)
+        tokens += accumulate_compensation(G_hat, cross, W if output_side else {}, x, x_hat, ORIGINAL_WEIGHT)
     return GroupSums(G_hat=symmetric_from_upper(G_hat), cross=cross, tokens=tokens)  # accumulated: upper triangle
 
 

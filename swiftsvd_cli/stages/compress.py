@@ -33,6 +33,7 @@ from swiftsvd_cli.artifacts.provenance import make_provenance
 from swiftsvd_cli.artifacts.store import remove_stale_temps, require_disk, sha256_file
 from swiftsvd_cli.config import BATCH_SIZE, KV_CACHE, METHOD, FactorDType, KVCache, Method, check_ratio, choice
 from swiftsvd_cli.core.allocation import achieved_ratio, kv_rank_cap
+from swiftsvd_cli.core.compensation import ORIGINAL_WEIGHT
 from swiftsvd_cli.engine.compensate import CompensationResult, Compensator, manifest_windows
 from swiftsvd_cli.engine.eigen import calibrated_spec, check_shapes, load_eigen_index
 from swiftsvd_cli.engine.factors import FactorSource, RankMap, factor_layer, install_factors
@@ -319,7 +320,9 @@ def compensation_record(result: CompensationResult, settings: CalibrationSetting
     """What the compressed directory records about an error-compensated compression."""
     return {
         "ratio_specific": True,
-        "objective": "min over rank k of ||W X - W' X_hat||_F, X_hat = inputs from the compressed layers before",
+        "objective": "min over rank k of ||W X - W' X_hat||_F^2 + gamma ||W X - W' X||_F^2, X_hat = inputs from the "
+        "compressed layers before",
+        "gamma": ORIGINAL_WEIGHT,
         "calibration": jsonable(settings),
         "tokens": result.tokens,
         "damping": result.damping,
