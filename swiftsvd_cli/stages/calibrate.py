@@ -392,12 +392,16 @@ def _run_layers(
                     )
                     importance = sum(part for part, _ in passes)  # summed over the processes' shares
                     skipped += sorted(sample for _, newly in passes for sample in newly)
-                    sums = distributed.sum_over_processes(stats.remove()) if stats is not None else None
-                if sums is not None:
-                    if int(sums["tokens"]) == 0:
+                    # packed now, and the full sums dropped with `stats`: kept until the next layer is done, they
+                    # doubled the float64 Grams held while it runs (0.54 GB per Llama-2-7B layer)
+                    shard = pack(distributed.sum_over_processes(stats.remove())) if stats is not None else None
+                    stats = None
+                if shard is not None:
+                    if int(shard["tokens"]) == 0:
                         raise SwiftSVDError(f"layer {index}: every calibration window was skipped (NaN or Inf)")
                     if distributed.is_main():
-                        writes.append(writer.submit(recorder.write, index, pack(sums), importance, list(skipped)))
+                        writes.append(writer.submit(recorder.write, index, shard, importance, list(skipped)))
+                    shard = None  # the writer's until written
                 bar.advance(task)
             for write in writes:
                 write.result()
