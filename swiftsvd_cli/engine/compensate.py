@@ -13,8 +13,8 @@ Memory: one decoder layer (read from the checkpoint) and its copy on the device,
 the CPU (2x what calibration holds); never the whole model. The solve of the widest group holds Ĝ, its
 symmetrised/damped copy and the Cholesky factor (3 n² float64) plus T and W_ls (2 m n): down_proj is 3.6 GB at
 Llama-2-7B (n = 11008, m = 4096) and 24 GB at Llama-2-70B (n = 28672, m = 8192); the cross term is summed on the
-output side there (m n, not n²). The sums are plain sums over tokens: a data-parallel run all-reduces `GroupSums`
-before `solve`, nothing else changes.
+output side there (m n, not n²). The sums are plain sums over tokens, so a data-parallel pass would only need to
+all-reduce `GroupSums` before `solve`; that is not built: under a launcher the main process runs the whole pass.
 Time: per layer, each group's pass runs both layers only up to that group's input, plus one full pass of each
 to move the streams on; the extra float64 work is Ĝ (two Grams) and the cross term, about three times
 calibration's Gram.
