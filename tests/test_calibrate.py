@@ -16,7 +16,7 @@ from swiftsvd_cli.engine.covariance import input_gram, output_gram
 from swiftsvd_cli.errors import SwiftSVDError
 from swiftsvd_cli.model.architectures import LLAMA
 from swiftsvd_cli.model.loading import ModelSource
-from swiftsvd_cli.stages.calibrate import CalibrateOptions, run_calibrate, shard_name
+from swiftsvd_cli.stages.calibrate import CalibrateOptions, importance_sum, run_calibrate, shard_name
 
 SAMPLES, SEQLEN = 6, 24
 
@@ -217,3 +217,12 @@ def test_older_format_work_is_refused_then_replaced_with_force(
     with pytest.raises(SwiftSVDError, match="format version 1.*--force"):
         run_calibrate(options(tiny_llama_dir, work, tiny_text_file))
     assert run_calibrate(options(tiny_llama_dir, work, tiny_text_file, force=True)).computed_layers == [0, 1]
+
+
+def test_importance_sum_equals_cosine_similarity_including_zero_states() -> None:
+    g = torch.Generator().manual_seed(0)
+    h_in = torch.randn(3, 10, 16, generator=g)
+    h_out = h_in + 0.2 * torch.randn(3, 10, 16, generator=g)
+    h_in[0, 0], h_out[1, 1], h_out[2, 2], h_in[2, 2] = 0.0, 0.0, 0.0, 0.0  # zero states have cosine 0 there too
+    cos = torch.nn.functional.cosine_similarity(h_in.double(), h_out.double(), dim=-1)
+    assert importance_sum(h_in, h_out) == pytest.approx(float((1 - cos).sum()), rel=1e-13)

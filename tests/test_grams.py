@@ -11,6 +11,7 @@ from swiftsvd_cli.core.grams import (
     CHUNK_TOKENS,
     accumulate_gram,
     accumulate_output_gram,
+    all_finite,
     make_empty_gram,
     output_gram_is_smaller,
     pack_upper,
@@ -106,3 +107,15 @@ def test_float32_grams_keep_eckart_young_to_their_precision() -> None:
 )
 def test_output_gram_only_where_smaller(n: int, outputs: tuple[int, ...], smaller: bool) -> None:
     assert output_gram_is_smaller(n, outputs) is smaller
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_all_finite_agrees_with_isfinite_everywhere(dtype: torch.dtype) -> None:
+    x = torch.randn(3, 5, 7).to(dtype) * 1e30
+    assert all_finite(x) and all_finite(x[:0])
+    for values in ([math.nan], [math.inf], [-math.inf], [math.inf, -math.inf]):  # ±Inf together: no NaN sum
+        for position in [(0, 0, 0), (2, 4, 6), (1, 2, 3)]:
+            poisoned = x.clone()
+            for offset, value in enumerate(values):
+                poisoned[position[0], position[1], (position[2] + offset) % 7] = value
+            assert all_finite(poisoned) == bool(torch.isfinite(poisoned).all()) is False

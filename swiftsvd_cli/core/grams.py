@@ -78,6 +78,17 @@ def accumulate_output_gram(C: Tensor, x: Tensor, W: Tensor, precision: GramPreci
     return accumulate_gram(C, X @ W.to(device=C.device, dtype=dtype).T, precision)
 
 
+def all_finite(x: Tensor) -> bool:
+    """Whether x holds no NaN or ±Inf, exactly, from its minimum and maximum (which carry any NaN or Inf).
+
+    One fused reduction, several times faster than `isfinite(x).all()`, which writes a boolean per element.
+    """
+    if x.numel() == 0:
+        return True
+    low, high = torch.aminmax(x)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def symmetric_from_upper(G: Tensor) -> Tensor:
     """The full symmetric matrix whose upper triangle is G's (what `accumulate_gram` leaves)."""
     upper = torch.triu(G)

@@ -20,6 +20,7 @@ from swiftsvd_cli.core.grams import (
     GramPrecision,
     accumulate_gram,
     accumulate_output_gram,
+    all_finite,
     make_empty_gram,
     output_gram_is_smaller,
     pack_upper,
@@ -68,6 +69,7 @@ class LayerStats:
         self.groups, self.forms, self.precision = dict(spec.groups), dict(forms), precision
         self.sums: dict[str, torch.Tensor] = {"tokens": torch.zeros((), dtype=torch.int64, device=device)}
         self.pending: dict[str, torch.Tensor] = {}  # this batch: group -> input, module -> output (float32 route)
+        self._abs_sums: dict[str, torch.Tensor] = {}  # this batch's Σ|x| per group, from `finite`
         self._weights: dict[str, torch.Tensor] = {}  # output-Gram weights in the product's precision, once per layer
         self.handles = []
         for group, names in spec.groups.items():
@@ -96,16 +98,26 @@ class LayerStats:
         return hook
 
     def finite(self) -> bool:
-        return all(bool(torch.isfinite(x).all()) for x in self.pending.values())
+        """Whether the held batch is free of NaN and Inf; computes its Σ|x| per group on the way, for `commit`.
+
+        A float64 sum of float32/bfloat16 magnitudes cannot overflow, so Σ|x| is finite exactly when every input
+        is: checking the inputs costs nothing beyond their statistic. Held outputs are checked on their own.
+        """
+        for group in self.groups:
+            x = self.pending[group]
+            self._abs_sums[group] = x.reshape(-1, x.shape[-1]).abs().sum(0, dtype=torch.float64)
+        inputs_finite = all(bool(torch.isfinite(total).all()) for total in self._abs_sums.values())
+        return inputs_finite and all(all_finite(x) for key, x in self.pending.items() if key not in self.groups)
 
     def discard(self) -> None:
         self.pending.clear()
+        self._abs_sums.clear()
 
     def commit(self) -> None:
-        """Add the held batch to the sums."""
+        """Add the held batch, found `finite`, to the sums."""
         for position, (group, names) in enumerate(self.groups.items()):
             flat = self.pending[group].reshape(-1, self.pending[group].shape[-1])
-            self.sums[f"{group}.abs_sum"] += flat.abs().sum(0, dtype=torch.float64)
+            self.sums[f"{group}.abs_sum"] += self._abs_sums.pop(group)
             if position == 0:
                 self.sums["tokens"] += flat.shape[0]
             if self.forms[group] == "input":

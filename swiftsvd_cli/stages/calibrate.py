@@ -43,7 +43,7 @@ from swiftsvd_cli.config import (
     Sampler,
     choice,
 )
-from swiftsvd_cli.core.grams import GramPrecision
+from swiftsvd_cli.core.grams import GramPrecision, all_finite
 from swiftsvd_cli.data.text import load_text, sample_windows
 from swiftsvd_cli.engine.covariance import GramForm, LayerStats, auto_gram_precision, gram_forms, pack
 from swiftsvd_cli.engine.footprint import Footprint, calibration_footprint
@@ -63,6 +63,7 @@ from swiftsvd_cli.model.streaming import StreamedModel
 
 logger = logging.getLogger("swiftsvd")
 DERIVED = ("eigen", "plans", "importance.json")  # artifacts computed from the Grams, invalid without them
+COSINE_EPS = 1e-8  # torch.nn.functional.cosine_similarity's default: a zero hidden state has cosine 0
 
 
 @dataclass(frozen=True)
@@ -201,9 +202,14 @@ def _check_compatible(
 
 
 def importance_sum(h_in: torch.Tensor, h_out: torch.Tensor) -> float:
-    """Σ over tokens of 1 − cos(h_in, h_out), in float64 (ShortGPT's Block Influence before averaging)."""
-    cos = torch.nn.functional.cosine_similarity(h_in.double(), h_out.double(), dim=-1)
-    return float((1.0 - cos).sum())
+    """Σ over tokens of 1 − cos(h_in, h_out), in float64 (ShortGPT's Block Influence before averaging).
+
+    Written out (one dot product and two norms per token) rather than `cosine_similarity`, which costs
+    three times as much; norms are clamped at `COSINE_EPS` as there.
+    """
+    a, b = h_in.double(), h_out.double()
+    norm_a, norm_b = (torch.linalg.vector_norm(h, dim=-1).clamp_min(COSINE_EPS) for h in (a, b))
+    return float((1.0 - torch.linalg.vecdot(a, b) / (norm_a * norm_b)).sum())
 
 
 @torch.no_grad()
@@ -323,7 +329,7 @@ def _layer_pass(
         if first in skipped:
             continue
         out = layer_output(layer, hidden, kwargs)
-        if not bool(torch.isfinite(out).all()) or (stats is not None and not stats.finite()):
+        if not all_finite(out) or (stats is not None and not stats.finite()):
             samples = list(range(first, first + hidden.shape[0]))
             _nonfinite(index, samples, str(hidden.dtype), options.skip_nonfinite)
             newly += samples
