@@ -100,9 +100,11 @@ def accumulate_compensation(
     tokens = accumulate_gram(G_hat, x_hat)
     partner = x_hat  # X̂ + γ X: the stacked inputs' partner of X in the cross term
     if gamma:
-        x64 = x.to(device=G_hat.device, dtype=G_hat.dtype)
-        accumulate_gram(G_hat, x64 * gamma**0.5)
-        partner = x_hat.to(device=G_hat.device, dtype=G_hat.dtype) + gamma * x64
+        # two float64 copies of the batch at a time, not three (7B down_proj: 0.7 GB each at 8192 tokens)
+        scaled = x.to(device=G_hat.device, dtype=G_hat.dtype, copy=True).mul_(gamma**0.5)  # √γ X
+        accumulate_gram(G_hat, scaled)
+        partner = x_hat.to(device=G_hat.device, dtype=G_hat.dtype, copy=True).add_(scaled, alpha=gamma**0.5)
+        del scaled
     for key, term in cross.items():
         if key in weights:
             accumulate_output_cross(term, weights[key], x, partner)
