@@ -17,6 +17,7 @@ factorisation at the largest rank serves every lower one.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -107,7 +108,12 @@ class FactorSource:
         if not ranks:
             return {}
         device = self.device
-        weights = {name: weights[name].detach().to(device=device, dtype=torch.float64) for name in ranks}
+
+        def float64_weights() -> Iterator[tuple[str, torch.Tensor]]:
+            """One module's weight in float64 at a time: a whole layer's is 1.6 GB at Llama-2-7B."""
+            for name in ranks:
+                yield name, weights[name].detach().to(device=device, dtype=torch.float64)
+
         if self.method == Method.SWIFT:
             record = self.eigen.layers.get(index)
             if record is None or record.gram_sha256 != self.manifest.layers[index].shard.sha256:
@@ -117,14 +123,14 @@ class FactorSource:
             bases = self._read(record.shard, eigen_tensor_specs(self.manifest.shapes, self.spec.modules))
             return {
                 name: factorize(W, eigenvectors(bases, name, W, ranks[name]), ranks[name])
-                for name, W in weights.items()
+                for name, W in float64_weights()
             }
         if self.method == Method.SVD:
-            return {name: svd_factors(W, ranks[name]) for name, W in weights.items()}
+            return {name: svd_factors(W, ranks[name]) for name, W in float64_weights()}
         stats = self._read(self.manifest.layers[index].shard, self.manifest.gram_tensors(self.spec.groups))
         tokens = float(stats["tokens"])
         factors: Factors = {}
-        for name, W in weights.items():
+        for name, W in float64_weights():
             statistic = self._statistic(stats, index, name)
             if self.method == Method.ASVD:
                 factors[name] = asvd_factors(W, statistic / tokens, ranks[name])
