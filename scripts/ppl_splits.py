@@ -6,61 +6,62 @@ A method that fits the calibration text (error compensation) can lower the first
 this is how the overfitting of `--compensate` without the original-input term was found. Calibration windows are
 the first `--windows` of those WORK was calibrated on (same text, sampler and seed); validation and evaluation are
 the first `--windows` non-overlapping windows of the WORK's calibration text's validation and test splits, at the
-WORK's window length. Uses only swiftsvd's public surface.
+WORK's window length, each scored by the evaluation protocol (`swiftsvd_cli.metrics.perplexity`). Uses only
+swiftsvd's public surface.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from swiftsvd_cli import load_model
 from swiftsvd_cli.artifacts.manifest import CalibrationManifest
 from swiftsvd_cli.data.text import load_text, sample_windows, tokenize
+from swiftsvd_cli.errors import SwiftSVDError
+from swiftsvd_cli.metrics.perplexity import perplexity
+
+BATCH_SIZE = 4
 
 
-@torch.no_grad()
-def perplexity(model: Any, windows: torch.Tensor, batch_size: int = 4) -> float:
-    """Token-level perplexity over `windows` (k, seqlen), every window scored from its first token."""
-    nll, tokens = 0.0, 0
-    for batch in windows.split(batch_size):
-        count = batch.shape[0] * (batch.shape[1] - 1)
-        nll += float(model(batch, labels=batch).loss) * count
-        tokens += count
-    return math.exp(nll / tokens)
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("work", type=Path, help="the WORK the models were compressed from")
     parser.add_argument("models", nargs="+", help="model specs: the original and compressed directories")
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--out", type=Path, help="also write the numbers here (JSON)")
-    args = parser.parse_args()
-    settings = CalibrationManifest.load(args.work).settings
-    rows: dict[str, dict[str, float]] = {}
-    windows: dict[str, torch.Tensor] = {}
-    for spec in args.models:
-        loaded = load_model(spec, dtype="float32", device="cpu")
-        if not windows:
-            text = load_text(settings.data, "train").text
-            drawn = sample_windows(
-                settings.sampler, loaded.tokenizer, text, settings.samples, settings.seqlen, settings.seed
-            )
-            windows["calibration"] = drawn[: args.windows]
-            for split in ("validation", "test"):
-                ids = tokenize(loaded.tokenizer, load_text(settings.data, split).text)
-                windows[split] = ids[: args.windows * settings.seqlen].view(args.windows, settings.seqlen)
-        rows[spec] = {split: perplexity(loaded.model.eval(), batch) for split, batch in windows.items()}
-        print(spec, "  ".join(f"{split} {value:.2f}" for split, value in rows[spec].items()), flush=True)
+    args = parser.parse_args(argv)
+    try:
+        settings = CalibrationManifest.load(args.work).settings
+        rows: dict[str, dict[str, float]] = {}
+        ids: dict[str, torch.Tensor] = {}  # split -> token ids, cut into windows of the WORK's length by `perplexity`
+        for spec in args.models:
+            loaded = load_model(spec, dtype="float32", device="cpu")
+            if not ids:
+                text = load_text(settings.data, "train").text
+                drawn = sample_windows(
+                    settings.sampler, loaded.tokenizer, text, settings.samples, settings.seqlen, settings.seed
+                )
+                ids["calibration"] = drawn[: args.windows].reshape(-1)  # cut back into the same windows
+                for split in ("validation", "test"):
+                    ids[split] = tokenize(loaded.tokenizer, load_text(settings.data, split).text)
+            rows[spec] = {
+                split: perplexity(
+                    loaded.model.eval(), tokens, seqlen=settings.seqlen, limit=args.windows, batch_size=BATCH_SIZE
+                ).ppl
+                for split, tokens in ids.items()
+            }
+            print(spec, "  ".join(f"{split} {value:.2f}" for split, value in rows[spec].items()), flush=True)
+    except SwiftSVDError as error:
+        print(f"error: {error}")
+        return 1
     if args.out:
         args.out.write_text(json.dumps({"work": str(args.work), "windows": args.windows, "ppl": rows}, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

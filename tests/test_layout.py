@@ -154,9 +154,10 @@ PUBLIC = (
     "swiftsvd_cli.model.hf",
     "swiftsvd_cli.data.text",
     "swiftsvd_cli.metrics.speed",
+    "swiftsvd_cli.metrics.perplexity",
 )
 """Besides the names `swiftsvd_cli` exports: the modules scripts may use (math, formats, adapters, plots, the
-modeling code every checkpoint ships, the text sources and the speed measurement)."""
+modeling code every checkpoint ships, the text sources, the speed measurement and the perplexity protocol)."""
 SCRIPTS = sorted((PACKAGE.parent / "scripts").glob("*.py"))
 
 
