@@ -204,8 +204,8 @@ def _check_compatible(
 def importance_sum(h_in: torch.Tensor, h_out: torch.Tensor) -> float:
     """Σ over tokens of 1 − cos(h_in, h_out), in float64 (ShortGPT's Block Influence before averaging).
 
-    Written out (one dot product and two norms per token) rather than `cosine_similarity`, which costs
-    three times as much; norms are clamped at `COSINE_EPS` as there.
+    Written out (one dot product and two norms per token) rather than `cosine_similarity`, which took 2.7
+    times as long on the demo's batches; norms are clamped at `COSINE_EPS` as there.
     """
     a, b = h_in.double(), h_out.double()
     norm_a, norm_b = (torch.linalg.vector_norm(h, dim=-1).clamp_min(COSINE_EPS) for h in (a, b))
