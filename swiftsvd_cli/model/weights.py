@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -49,6 +50,15 @@ def safetensors_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.safetensors"))
 
 
+@dataclass(frozen=True)
+class _Stored:
+    """Where a checkpoint tensor lives and what it is, from the file headers."""
+
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
 class SafetensorsSource:
     """Tensors of one or more safetensors files, read on demand.
 
@@ -60,16 +70,12 @@ class SafetensorsSource:
     """
 
     def __init__(self, files: list[Path]) -> None:
-        self._where: dict[str, Path] = {}
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        self._dtypes: dict[str, torch.dtype] = {}
+        self._stored: dict[str, _Stored] = {}
         for file in files:
             with self._open(file) as handle:
                 for name in handle.keys():
                     meta = handle.get_slice(name)
-                    self._where[name] = file
-                    self._shapes[name] = tuple(meta.get_shape())
-                    self._dtypes[name] = SAFETENSORS_DTYPES[meta.get_dtype()]
+                    self._stored[name] = _Stored(file, tuple(meta.get_shape()), SAFETENSORS_DTYPES[meta.get_dtype()])
 
     @staticmethod
     def _open(file: Path) -> Any:
@@ -78,29 +84,27 @@ class SafetensorsSource:
         except (SafetensorError, OSError) as error:
             raise SwiftSVDError(f"cannot read weights {file}: {error}") from error
 
-    def _file(self, name: str) -> Path:
-        if name not in self._where:
+    def _entry(self, name: str) -> _Stored:
+        if name not in self._stored:
             raise SwiftSVDError(f"checkpoint has no tensor '{name}'")
-        return self._where[name]
+        return self._stored[name]
 
     def keys(self) -> list[str]:
-        return list(self._where)
+        return list(self._stored)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        self._file(name)  # a clear error for a missing name
-        return self._shapes[name]
+        return self._entry(name).shape
 
     def dtype(self, name: str) -> torch.dtype:
-        self._file(name)
-        return self._dtypes[name]
+        return self._entry(name).dtype
 
     def get(self, name: str) -> torch.Tensor:
-        with self._open(self._file(name)) as handle:
+        with self._open(self._entry(name).file) as handle:
             tensor: torch.Tensor = handle.get_tensor(name)
         return tensor
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        with self._open(self._file(name)) as handle:
+        with self._open(self._entry(name).file) as handle:
             tensor: torch.Tensor = handle.get_slice(name)[start:stop]
         return tensor
 
