@@ -97,13 +97,13 @@ def accumulate_compensation(
     `weights` has no entry for `key`, else W X (X̂ + γ X)ᵀ (m, n) with W = `weights[key]` (the output-side form).
     x and x̂ are the same tokens' inputs on the original and on the compressed path, (..., n) each.
     """
-    tokens = accumulate_gram(G_hat, x_hat)
-    partner = x_hat  # X̂ + γ X: the stacked inputs' partner of X in the cross term
+    partner = x_hat.to(device=G_hat.device, dtype=G_hat.dtype, copy=True)  # X̂, then X̂ + γ X: X's partner
+    tokens = accumulate_gram(G_hat, partner)
     if gamma:
         # two float64 copies of the batch at a time, not three (7B down_proj: 0.7 GB each at 8192 tokens)
         scaled = x.to(device=G_hat.device, dtype=G_hat.dtype, copy=True).mul_(gamma**0.5)  # √γ X
         accumulate_gram(G_hat, scaled)
-        partner = x_hat.to(device=G_hat.device, dtype=G_hat.dtype, copy=True).add_(scaled, alpha=gamma**0.5)
+        partner.add_(scaled, alpha=gamma**0.5)
         del scaled
     for key, term in cross.items():
         if key in weights:
